@@ -1,0 +1,356 @@
+"""The `snapfs` command line (SPEC section 4).
+
+Commands find their repository like git: from -C PATH, or the current directory, where
+PATH is a repository directory or any path inside a snapfs mount (found in
+/proc/self/mountinfo: fstype fuse.snapfs, source = the repository path). Against a
+mounted repository a command talks to the daemon; otherwise it opens the repository
+itself under the single-writer lock. Errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import trio
+
+from snapfs import __version__, control
+from snapfs.errors import NotARepository, SnapfsError, UsageError
+from snapfs.store.repo import RepoPaths, init_repository, is_repository, parse_size
+
+
+# -- finding the repository --------------------------------------------------------------------
+def _unescape(field: str) -> str:
+    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace") \
+        if "\\" in field else field
+
+
+def snapfs_mounts() -> list[tuple[str, str]]:
+    """(mountpoint, repository) of every snapfs mount of this process's namespace."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rfields = left.split(), right.split()
+                if rfields and rfields[0] == "fuse.snapfs":
+                    out.append((_unescape(fields[4]), _unescape(rfields[1])))
+    except OSError:
+        pass
+    return out
+
+
+class Target:
+    """Where a command acts: a repository, and the path of DIR inside its mount (if any)."""
+
+    def __init__(self, repo: str, mountpoint: str | None, inner: str | None) -> None:
+        self.repo = repo
+        self.mountpoint = mountpoint
+        self.inner = inner  # path relative to the mount root, e.g. 'home/doc'
+        self.paths = RepoPaths(repo)
+
+
+def find_target(path: str) -> Target:
+    real = os.path.realpath(path)
+    if is_repository(real):
+        for mnt, repo in snapfs_mounts():
+            if os.path.realpath(repo) == real:
+                return Target(real, mnt, None)
+        return Target(real, None, None)
+    best = None
+    for mnt, repo in snapfs_mounts():
+        if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
+            if best is None or len(mnt) > len(best[0]):
+                best = (mnt, repo)
+    if best:
+        return Target(best[1], best[0], os.path.relpath(real, best[0]))
+    raise NotARepository(
+        f"{path} is neither a snapfs repository nor inside a snapfs mount "
+        "(use -C REPO or -C MOUNTPOINT)")
+
+
+def run_op(target: Target, req: dict) -> dict:
+    """Execute one operation through the daemon, or on the unmounted repository."""
+    if control.daemon_alive(target.paths.sock):
+        return control.call(target.paths.sock, req)
+    from snapfs.repository import Repository
+    from snapfs.vfs.fs import Filesystem
+
+    repo = Repository(target.repo, holder="a snapfs command")
+    try:
+        fs = Filesystem(repo)
+        result = trio.run(control.handle, fs, req)
+        trio.run(fs.sync)
+        return result
+    finally:
+        repo.close()
+
+
+# -- commands ------------------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    config = init_repository(args.repo, parse_size(args.chunk_size))
+    if args.encrypt:
+        raise UsageError("encryption (--encrypt) is not available in this release yet")
+    from snapfs.repository import Repository
+
+    Repository(args.repo, holder="snapfs init").close()
+    print(f"initialised snapfs repository {os.path.abspath(args.repo)} "
+          f"(chunk size {config.chunk_size // 1024} KiB)")
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from snapfs.fuse.daemon import mount
+
+    if not is_repository(args.repo):
+        raise NotARepository(f"{args.repo} is not a snapfs repository; create one with "
+                             f"`snapfs init {args.repo}`")
+    return mount(args.repo, args.mountpoint, foreground=args.foreground,
+                 allow_other=args.allow_other, commit_every=args.commit_every, debug=args.debug)
+
+
+def cmd_umount(args) -> int:
+    mnt = os.path.realpath(args.mountpoint)
+    repo = next((r for m, r in snapfs_mounts() if m == mnt), None)
+    if repo is None:
+        raise UsageError(f"{mnt} is not a snapfs mount point")
+    pid = _read_pid(RepoPaths(repo).pid)
+    proc = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SnapfsError(f"cannot unmount {mnt}: {proc.stderr.strip()} "
+                          "(is a process still using it? see `fuser -vm MOUNTPOINT`)")
+    deadline = time.monotonic() + 120
+    while pid and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return 0
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_volume(args) -> int:
+    target = find_target(args.C)
+    if args.action == "create":
+        run_op(target, {"op": "volume-create", "name": args.name, "from": args.source})
+        print(f"created volume {args.name}" + (f" from {args.source}" if args.source else ""))
+    elif args.action == "list":
+        res = run_op(target, {"op": "volume-list"})
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            for v in res["volumes"]:
+                print(f"{v['name']:<24} head={v['head'] or '-'}")
+    else:
+        raise UsageError("deleting volumes comes with the snapshot-graph release (issue 3)")
+    return 0
+
+
+def cmd_commit(args) -> int:
+    target = find_target(args.dir or args.C)
+    if args.dir and target.inner is None and not is_repository(os.path.realpath(args.dir)):
+        raise UsageError(f"{args.dir} is not inside a snapfs mount")
+    where = target.inner
+    if where is None or where in ("", "."):
+        if args.dir is None and args.volume:
+            where = args.volume
+        else:
+            raise UsageError("give the volume or snapshot directory to commit "
+                             "(snapfs commit MNT/VOLUME, or -C REPO commit --volume NAME)")
+    res = run_op(target, {"op": "commit", "where": where, "label": args.label})
+    print(res["snapshot"])
+    return 0
+
+
+def cmd_snapshot(args) -> int:
+    target = find_target(args.C)
+    if args.action == "list":
+        res = run_op(target, {"op": "snapshot-list"})
+        if args.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        print(f"{'NAME':<32} {'PARENT':<32} {'DELTA':>8} {'REFERENCED':>10}  CREATED")
+        for s in res["snapshots"]:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["created"]))
+            print(f"{s['name']:<32} {s['parent'] or '-':<32} {s['delta']:>8} "
+                  f"{s['referenced']:>10}  {created}")
+    elif args.action == "diff":
+        res = run_op(target, {"op": "diff", "a": args.a, "b": args.b})
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            marks = {"added": "+", "removed": "-", "modified": "M"}
+            for c in res["changes"]:
+                print(f"{marks[c['change']]} {c['path']}")
+    else:
+        raise UsageError("deleting snapshots comes with the snapshot-graph release (issue 3)")
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_stats(args) -> int:
+    target = find_target(args.C)
+    res = run_op(target, {"op": "stats", "reclaim": args.reclaim})
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    t = res["totals"]
+    print(f"chunk size {res['chunk_size'] // 1024} KiB; {t['snapshots']} snapshots, "
+          f"{t['drafts']} drafts, {t['volumes']} volumes")
+    print(f"unique     {t['unique_chunks']:>10} chunks  {_fmt_bytes(t['unique_bytes'])}")
+    print(f"sum_delta  {t['sum_delta']:>10} chunks  (traversal total; not storage)")
+    print(f"stored     {t['stored_chunks']:>10} chunks  {_fmt_bytes(t['stored_bytes'])} on disk")
+    print(f"garbage    {t['garbage_chunks']:>10} chunks  {_fmt_bytes(t['garbage_bytes'])}")
+    print()
+    print(f"{'VOLUME':<20} {'HEAD':<32} {'UNIQUE':>8} {'SUM_DELTA':>9} {'DRAFT':>6}")
+    for name, v in res["volumes"].items():
+        print(f"{name:<20} {v['head'] or '-':<32} {v['unique_chunks']:>8} {v['sum_delta']:>9} "
+              f"{v['draft_delta']:>6}")
+    print()
+    print(f"{'SNAPSHOT':<32} {'PARENT':<32} {'DELTA':>7} {'REFER':>7} {'EXCL':>7}")
+    for s in res["snapshots"]:
+        print(f"{s['name']:<32} {s['parent'] or '-':<32} {s['delta']:>7} {s['referenced']:>7} "
+              f"{s['exclusive']:>7}")
+    if "reclaim" in res:
+        r = res["reclaim"]
+        print(f"\ndeleting {len(r['snapshots'])} snapshots would free {r['chunks']} chunks "
+              f"({_fmt_bytes(r['bytes'])})")
+    return 0
+
+
+def cmd_fsck(args) -> int:
+    from snapfs.graph.fsck import fsck
+
+    target = find_target(args.repo)
+    if target.mountpoint and control.daemon_alive(target.paths.sock):
+        raise UsageError(f"{target.repo} is mounted at {target.mountpoint}: "
+                         "unmount it before running fsck")
+    problems = fsck(target.repo, repair=args.repair, out=print if args.verbose else None)
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"fsck: {len(problems)} problem(s) found in {target.repo}", file=sys.stderr)
+        return 12
+    print(f"fsck: {target.repo} is consistent")
+    return 0
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="snapfs", description="Every snapshot of a tree as a read-write directory.")
+    p.add_argument("--version", action="version", version=f"snapfs {__version__}")
+    p.add_argument("-C", metavar="PATH", default=".",
+                   help="the repository, or any path inside a mount of it (default: .)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("init", help="create a repository")
+    s.add_argument("repo")
+    s.add_argument("--chunk-size", default="128K", help="chunk size, e.g. 64K, 128K (default)")
+    s.add_argument("--encrypt", action="store_true", help="encrypt (not yet available)")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("mount", help="mount a repository (returns when the mount is ready)")
+    s.add_argument("repo")
+    s.add_argument("mountpoint")
+    s.add_argument("--foreground", "-f", action="store_true", help="stay attached, log to stderr")
+    s.add_argument("--allow-other", action="store_true", help="let other users into the mount")
+    s.add_argument("--commit-every", type=float, metavar="SECONDS",
+                   help="commit every changed volume on this timer")
+    s.add_argument("--debug", action="store_true", help="verbose log")
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount (waits until the daemon has synced and exited)")
+    s.add_argument("mountpoint")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("volume", help="create, list or delete volumes")
+    vs = s.add_subparsers(dest="action", required=True)
+    c = vs.add_parser("create", help="create a volume (empty, or a clone of a snapshot)")
+    c.add_argument("name")
+    c.add_argument("--from", dest="source", metavar="SNAPSHOT", help="clone this snapshot")
+    c = vs.add_parser("list", help="list volumes")
+    c.add_argument("--json", action="store_true")
+    c = vs.add_parser("delete", help="delete a volume")
+    c.add_argument("name")
+    s.set_defaults(func=cmd_volume, source=None, json=False)
+
+    s = sub.add_parser("commit", help="commit the draft under DIR into a snapshot")
+    s.add_argument("dir", nargs="?", help="a volume or .snapshots/NAME directory (default: .)")
+    s.add_argument("--label", help="snapshot label (default: the UTC time)")
+    s.add_argument("--volume", help="with -C REPO on an unmounted repository: the volume")
+    s.set_defaults(func=cmd_commit)
+
+    s = sub.add_parser("snapshot", help="list, delete or compare snapshots")
+    ss = s.add_subparsers(dest="action", required=True)
+    c = ss.add_parser("list", help="list snapshots")
+    c.add_argument("--json", action="store_true")
+    c = ss.add_parser("delete", help="delete a snapshot")
+    c.add_argument("name")
+    c = ss.add_parser("diff", help="paths that differ between snapshots A and B")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_snapshot, json=False)
+
+    s = sub.add_parser("stats", help="accounting figures (the same as .snapfs/stats)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--reclaim", metavar="A..B|A,B,...",
+                   help="what deleting these snapshots would free (deletes nothing)")
+    s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("fsck", help="verify checksums, references and stored deltas")
+    s.add_argument("repo")
+    s.add_argument("--repair", action="store_true", help="repair what can be repaired")
+    s.add_argument("--verbose", "-v", action="store_true")
+    s.set_defaults(func=cmd_fsck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except SnapfsError as e:
+        print(f"snapfs: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("snapfs: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"snapfs: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""snapfs.crypto"""

@@ -1,0 +1,170 @@
+"""Mounting: the daemon process, its log, its signals and its clean shutdown.
+
+`snapfs mount` forks before trio starts. The child opens the repository (taking the
+lock), mounts, writes its pid and tells the parent through a pipe that the mount is
+ready (or why it failed); the parent returns only then. On unmount or SIGTERM the daemon
+stores every dirty buffer, syncs, and releases the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from snapfs import control
+from snapfs.errors import SnapfsError, UsageError
+from snapfs.fuse.ops import SnapfsOperations
+from snapfs.repository import Repository
+from snapfs.vfs.fs import Filesystem
+
+log = logging.getLogger("snapfs.daemon")
+
+
+def setup_logging(path: str | None, debug: bool = False) -> None:
+    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s.%(msecs)03d %(process)d %(levelname)s %(name)s: %(message)s",
+        "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def check_mountpoint(mnt: str) -> str:
+    mnt = os.path.abspath(mnt)
+    if not os.path.isdir(mnt):
+        raise UsageError(f"mount point {mnt} is not a directory: create it first (mkdir -p {mnt})")
+    if os.path.ismount(mnt):
+        raise UsageError(f"{mnt} is already a mount point: unmount it first (snapfs umount {mnt})")
+    return mnt
+
+
+def mount(repo_path: str, mnt: str, *, foreground: bool, allow_other: bool,
+          commit_every: float | None, debug: bool = False) -> int:
+    mnt = check_mountpoint(mnt)
+    if foreground:
+        setup_logging(None, debug)
+        return _run(repo_path, mnt, allow_other, commit_every, None)
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read().decode(errors="replace")
+        if msg.startswith("ready"):
+            return 0
+        os.waitpid(pid, 0)
+        raise SnapfsError(msg.strip() or "the snapfs daemon died while mounting; see REPO/snapfs.log")
+    # the daemon
+    os.close(rfd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    code = 1
+    try:
+        setup_logging(os.path.join(os.path.abspath(repo_path), "snapfs.log"), debug)
+        code = _run(repo_path, mnt, allow_other, commit_every, wfd)
+    except SnapfsError as e:
+        _tell(wfd, str(e))
+    except BaseException as e:  # noqa: BLE001 - the daemon must report, not traceback
+        logging.getLogger("snapfs.daemon").exception("daemon failed")
+        _tell(wfd, f"the snapfs daemon failed: {e}")
+    os._exit(code)
+
+
+def _tell(fd: int | None, msg: str) -> None:
+    if fd is None:
+        return
+    try:
+        os.write(fd, msg.encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None,
+         ready_fd: int | None) -> int:
+    repo = Repository(repo_path, holder=f"the snapfs mount at {mnt}")
+    fs = Filesystem(repo)
+    ops = SnapfsOperations(fs)
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"default_permissions", f"fsname={repo.paths.root}", "subtype=snapfs"}
+    options.discard("fsname=pyfuse3")
+    if allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mnt, options)
+    except RuntimeError as e:
+        repo.close()
+        raise SnapfsError(f"cannot mount at {mnt}: {e}")
+    with open(repo.paths.pid, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    log.info("mounted %s at %s (chunk size %d)", repo.paths.root, mnt, repo.chunk_size)
+    ok = False
+    try:
+        trio.run(_main, fs, repo, commit_every, ready_fd)
+        ok = True
+    finally:
+        pyfuse3.close(unmount=ok)
+        try:
+            repo.close()
+        finally:
+            for p in (repo.paths.pid, repo.paths.sock):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+        log.info("unmounted %s", mnt)
+    return 0
+
+
+async def _main(fs: Filesystem, repo: Repository, commit_every: float | None,
+                ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.background)
+        nursery.start_soon(control.serve, fs, repo.paths.sock)
+        nursery.start_soon(_signals)
+        if commit_every:
+            nursery.start_soon(_auto_commit, fs, commit_every)
+        await trio.sleep(0)
+        _tell(ready_fd, "ready")
+        await pyfuse3.main()
+        await fs.sync()
+        nursery.cancel_scope.cancel()
+
+
+async def _signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("signal received: unmounting")
+            pyfuse3.terminate()
+            return
+
+
+async def _auto_commit(fs: Filesystem, every: float) -> None:
+    """--commit-every: commit every volume whose draft changed, on a timer."""
+    while True:
+        await trio.sleep(every)
+        for name in sorted(fs.graph.volumes):
+            view = fs.volume_view(name)
+            draft = fs.graph.vertices[fs.graph.volumes[name]]
+            dirty = any(v is view for v, _ in fs._dirty.values())
+            if draft.delta or draft.removed or dirty or _has_rows(fs, draft.id):
+                try:
+                    await fs.commit(view, None)
+                except SnapfsError as e:
+                    log.warning("automatic commit of %s failed: %s", name, e)
+
+
+def _has_rows(fs: Filesystem, vid: int) -> bool:
+    for table in ("inodes", "dirents"):
+        if fs.cat.execute(f"SELECT 1 FROM {table} WHERE vertex=? LIMIT 1", (vid,)).fetchone():
+            return True
+    return False

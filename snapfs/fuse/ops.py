@@ -1,0 +1,531 @@
+"""The pyfuse3 adapter: maps kernel inodes to (view, inode) and requests to vfs calls.
+
+No storage logic lives here. The mounted tree (SPEC section 3)::
+
+    /                 volumes (each a View of the volume's draft), .snapshots, .snapfs
+    /.snapshots/      one directory per committed snapshot (a View of it)
+    /.snapfs/stats    virtual JSON, generated on open, served with direct_io
+
+Kernel inode numbers are allocated per (view, inode) pair, so the same file seen in two
+snapshots is two different files to the kernel, and hard links inside one view share a
+number. Only FUSEError leaves a handler: vfs errors carry their errno, damaged data is
+EIO with a log line, anything else is logged as a bug and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from typing import Any
+
+import pyfuse3
+import trio
+
+from snapfs.errors import FsError, IntegrityError, SnapfsError
+from snapfs.types import ROOT_INO
+from snapfs.vfs.fs import Filesystem
+from snapfs.vfs.view import Inode, View
+
+log = logging.getLogger(__name__)
+
+MNT_ROOT = pyfuse3.ROOT_INODE  # 1
+SNAPSHOTS_INO = 2
+SNAPFS_INO = 3
+STATS_INO = 4
+FIRST_DYNAMIC = 16
+SNAPSHOTS = b".snapshots"
+SNAPFS = b".snapfs"
+STATS = b"stats"
+VIRTUAL_TIMEOUT = 1.0
+TIMEOUT = 300.0
+
+
+def handler(fn):
+    """Turn every exception into a FUSEError with the right errno (and log the bugs)."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno)
+        except IntegrityError as e:
+            log.error("%s failed: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO)
+        except SnapfsError as e:
+            log.info("%s refused: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.warning("%s: disk full: %s", fn.__name__, e)
+                raise pyfuse3.FUSEError(errno.ENOSPC)
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO)
+        except Exception:
+            log.exception("bug in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO)
+
+    return wrapper
+
+
+class Handle:
+    __slots__ = ("view", "node", "data", "listing", "vdir")
+
+    def __init__(self, view: View | None, node: Inode | None, data: bytes | None = None,
+                 listing: list | None = None, vdir: int = 0) -> None:
+        self.view = view
+        self.node = node
+        self.data = data  # the generated content of a virtual file
+        self.listing = listing  # a directory listing taken at opendir
+        self.vdir = vdir  # the virtual directory listed, if not a view's
+
+
+class SnapfsOperations(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, fs: Filesystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.started = time.time_ns()
+        self._map: dict[int, tuple[View, int]] = {}
+        self._rev: dict[tuple[int, int], int] = {}
+        self._lookups: dict[int, int] = {}
+        self._next_ino = FIRST_DYNAMIC
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        fs.on_view_changed = self._view_changed
+
+    # -- inode mapping -----------------------------------------------------------------------
+    def _fino(self, view: View, ino: int) -> int:
+        key = (id(view), ino)
+        fino = self._rev.get(key)
+        if fino is None:
+            fino = self._next_ino
+            self._next_ino += 1
+            self._rev[key] = fino
+            self._map[fino] = (view, ino)
+        return fino
+
+    def _resolve(self, fino: int) -> tuple[View, Inode]:
+        try:
+            view, ino = self._map[fino]
+        except KeyError:
+            raise FsError(errno.ENOENT)
+        return view, view.get(ino)
+
+    def _resolve_dir(self, fino: int) -> tuple[View, Inode]:
+        if fino < FIRST_DYNAMIC:
+            raise FsError(errno.EPERM)
+        return self._resolve(fino)
+
+    def _view_changed(self, view: View) -> None:
+        """A snapshot directory shows other content now: drop the kernel's caches of it."""
+        name = view.name().encode()
+        pyfuse3.invalidate_entry_async(SNAPSHOTS_INO, name, ignore_enoent=True)
+        finos = [fino for fino, (v, _ino) in self._map.items() if v is view]
+        # invalidate_inode blocks in the kernel: never call it from a handler's thread.
+        threading.Thread(target=_invalidate_inodes, args=(finos,), daemon=True).start()
+
+    def _counted(self, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        fino = attrs.st_ino
+        self._lookups[fino] = self._lookups.get(fino, 0) + 1
+        return attrs
+
+    # -- attributes -----------------------------------------------------------------------------
+    def _attrs(self, view: View, node: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._fino(view, node.ino)
+        a.generation = 0
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        a.st_size = node.size
+        a.st_blksize = min(view.chunk_size, 1 << 20)
+        a.st_blocks = self._blocks(view, node)
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    def _blocks(self, view: View, node: Inode) -> int:
+        if not stat.S_ISREG(node.mode):
+            return (node.size + 511) // 512
+        n = (node.size + view.chunk_size - 1) // view.chunk_size
+        used = sum(1 for i in range(n) if i in node.buffers or view.block(node, i))
+        return used * (view.chunk_size // 512) if n < 1 << 16 else (node.size + 511) // 512
+
+    def _virtual_attrs(self, fino: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = fino
+        a.entry_timeout = VIRTUAL_TIMEOUT
+        a.attr_timeout = VIRTUAL_TIMEOUT
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started
+        a.st_blksize = 4096
+        if fino == STATS_INO:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = 0
+        else:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        return a
+
+    # -- lookup and friends --------------------------------------------------------------------
+    @handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self._counted(await self._lookup(parent_inode, name))
+
+    async def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if parent == MNT_ROOT:
+            if name == SNAPSHOTS:
+                return self._virtual_attrs(SNAPSHOTS_INO)
+            if name == SNAPFS:
+                return self._virtual_attrs(SNAPFS_INO)
+            view = self._volume_view(name)
+            return self._attrs(view, view.get(ROOT_INO))
+        if parent == SNAPSHOTS_INO:
+            try:
+                view = self.fs.snapshot_view(name.decode())
+            except (SnapfsError, UnicodeDecodeError):
+                raise FsError(errno.ENOENT)
+            return self._attrs(view, view.get(ROOT_INO))
+        if parent == SNAPFS_INO:
+            if name == STATS:
+                return self._virtual_attrs(STATS_INO)
+            raise FsError(errno.ENOENT)
+        view, _ = self._resolve_dir(parent)
+        return self._attrs(view, view.lookup(self._map[parent][1], name))
+
+    def _volume_view(self, name: bytes) -> View:
+        try:
+            return self.fs.volume_view(name.decode())
+        except (SnapfsError, UnicodeDecodeError):
+            raise FsError(errno.ENOENT)
+
+    async def forget(self, inode_list):
+        for fino, nlookup in inode_list:
+            left = self._lookups.get(fino, 0) - nlookup
+            if left > 0:
+                self._lookups[fino] = left
+                continue
+            self._lookups.pop(fino, None)
+            entry = self._map.get(fino)
+            if entry is None or self._has_handle(fino):
+                continue
+            view, ino = entry
+            try:
+                view.forget(ino)
+            except Exception:
+                log.exception("forget failed")
+            node = view.inodes.get(ino)
+            if node is None:
+                del self._map[fino]
+                self._rev.pop((id(view), ino), None)
+
+    def _has_handle(self, fino: int) -> bool:
+        view, ino = self._map[fino]
+        node = view.inodes.get(ino)
+        return node is not None and node.opens > 0
+
+    @handler
+    async def getattr(self, inode, ctx=None):
+        if inode < FIRST_DYNAMIC:
+            return self._virtual_attrs(inode)
+        view, node = self._resolve(inode)
+        return self._attrs(view, node)
+
+    @handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode < FIRST_DYNAMIC:
+            raise FsError(errno.EPERM)
+        view, node = self._resolve(inode)
+        kw: dict[str, Any] = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if getattr(fields, "update_ctime", False):
+            kw["ctime_ns"] = attr.st_ctime_ns
+        node = await view.setattr(node.ino, **kw)
+        return self._attrs(view, node)
+
+    @handler
+    async def readlink(self, inode, ctx):
+        view, node = self._resolve(inode)
+        return view.readlink(node.ino)
+
+    # -- namespace changes ------------------------------------------------------------------------
+    @handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        if parent_inode == MNT_ROOT:
+            return self._counted(self._mkdir_volume(name))
+        if parent_inode == SNAPSHOTS_INO:
+            return self._counted(await self._mkdir_snapshot(name))
+        view, pnode = self._resolve_dir(parent_inode)
+        node = view.mkdir(pnode.ino, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return self._counted(self._attrs(view, node))
+
+    def _mkdir_volume(self, name: bytes) -> pyfuse3.EntryAttributes:
+        try:
+            self.fs.graph.create_volume(name.decode())
+        except UnicodeDecodeError:
+            raise FsError(errno.EINVAL)
+        self.fs.cat.commit()
+        view = self._volume_view(name)
+        return self._attrs(view, view.get(ROOT_INO))
+
+    async def _mkdir_snapshot(self, name: bytes) -> pyfuse3.EntryAttributes:
+        """mkdir .snapshots/VOLUME@LABEL commits VOLUME (like mkdir .zfs/snapshot/NAME)."""
+        text = name.decode(errors="replace")
+        volume, sep, label = text.partition("@")
+        if not sep or volume not in self.fs.graph.volumes:
+            raise FsError(errno.EINVAL, f"{text}: use mkdir .snapshots/VOLUME@LABEL")
+        if text in self.fs.graph.by_name:
+            raise FsError(errno.EEXIST)
+        await self.fs.commit(self.fs.volume_view(volume), label)
+        view = self.fs.snapshot_view(text)
+        return self._attrs(view, view.get(ROOT_INO))
+
+    @handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        view, pnode = self._resolve_dir(parent_inode)
+        node = view.mknod(pnode.ino, name, mode & ~ctx.umask | (mode & stat.S_IFMT(mode)),
+                          rdev, ctx.uid, ctx.gid)
+        return self._counted(self._attrs(view, node))
+
+    @handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        view, pnode = self._resolve_dir(parent_inode)
+        node = view.symlink(pnode.ino, name, target, ctx.uid, ctx.gid)
+        return self._counted(self._attrs(view, node))
+
+    @handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        if new_parent_inode < FIRST_DYNAMIC:
+            raise FsError(errno.EPERM)
+        view, node = self._resolve(inode)
+        dview, dnode = self._resolve_dir(new_parent_inode)
+        if dview is not view:
+            raise FsError(errno.EXDEV)
+        node = view.link(node.ino, dnode.ino, new_name)
+        return self._counted(self._attrs(view, node))
+
+    @handler
+    async def unlink(self, parent_inode, name, ctx):
+        if parent_inode == SNAPFS_INO:
+            raise FsError(errno.EPERM)
+        view, pnode = self._resolve_dir(parent_inode)
+        view.unlink(pnode.ino, name)
+
+    @handler
+    async def rmdir(self, parent_inode, name, ctx):
+        if parent_inode in (MNT_ROOT, SNAPSHOTS_INO, SNAPFS_INO):
+            raise FsError(errno.EPERM)
+        view, pnode = self._resolve_dir(parent_inode)
+        view.rmdir(pnode.ino, name)
+
+    @handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if parent_inode_old < FIRST_DYNAMIC or parent_inode_new < FIRST_DYNAMIC:
+            raise FsError(errno.EXDEV if parent_inode_old != parent_inode_new else errno.EPERM)
+        sview, snode = self._resolve_dir(parent_inode_old)
+        dview, dnode = self._resolve_dir(parent_inode_new)
+        if sview is not dview:
+            raise FsError(errno.EXDEV)
+        sview.rename(snode.ino, name_old, dnode.ino, name_new, flags)
+
+    # -- files ------------------------------------------------------------------------------
+    def _new_fh(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    @handler
+    async def open(self, inode, flags, ctx):
+        if inode == STATS_INO:
+            if flags & (os.O_WRONLY | os.O_RDWR):
+                raise FsError(errno.EROFS)
+            data = (json.dumps(self.fs.stats(), indent=2) + "\n").encode()
+            return pyfuse3.FileInfo(fh=self._new_fh(Handle(None, None, data)), direct_io=True)
+        if inode < FIRST_DYNAMIC:
+            raise FsError(errno.EISDIR)
+        view, node = self._resolve(inode)
+        if not stat.S_ISREG(node.mode):
+            raise FsError(errno.EINVAL)
+        node.opens += 1
+        return pyfuse3.FileInfo(fh=self._new_fh(Handle(view, node)), keep_cache=True)
+
+    @handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        view, pnode = self._resolve_dir(parent_inode)
+        node = view.mknod(pnode.ino, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), 0,
+                          ctx.uid, ctx.gid)
+        node.opens += 1
+        fh = self._new_fh(Handle(view, node))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._counted(self._attrs(view, node))
+
+    @handler
+    async def read(self, fh, off, size):
+        h = self._handles[fh]
+        if h.data is not None:
+            return h.data[off:off + size]
+        return await h.view.read(h.node, off, size)
+
+    @handler
+    async def write(self, fh, off, buf):
+        h = self._handles[fh]
+        if h.view is None:
+            raise FsError(errno.EBADF)
+        n = await h.view.write(h.node, off, buf)
+        await self.fs.throttle()
+        return n
+
+    @handler
+    async def flush(self, fh):
+        return None
+
+    @handler
+    async def release(self, fh):
+        h = self._handles.pop(fh, None)
+        if h is None or h.view is None:
+            return
+        h.node.opens -= 1
+        if h.node.nlink == 0 and h.node.opens == 0:
+            await h.view.flush_data(h.node)
+            h.view._maybe_delete(h.node)
+
+    @handler
+    async def fsync(self, fh, datasync):
+        h = self._handles[fh]
+        if h.view is not None:
+            await self.fs.sync(h.view, h.node)
+
+    # -- directories -----------------------------------------------------------------------------
+    @handler
+    async def opendir(self, inode, ctx):
+        if inode == MNT_ROOT:
+            names = [SNAPSHOTS, SNAPFS, *sorted(n.encode() for n in self.fs.graph.volumes)]
+            listing = [(n, None) for n in names]
+            return self._new_fh(Handle(None, None, listing=listing, vdir=MNT_ROOT))
+        if inode == SNAPSHOTS_INO:
+            listing = [(v.name.encode(), None) for v in
+                       sorted(self.fs.graph.snapshots(), key=lambda v: v.id)]
+            return self._new_fh(Handle(None, None, listing=listing, vdir=SNAPSHOTS_INO))
+        if inode == SNAPFS_INO:
+            return self._new_fh(Handle(None, None, listing=[(STATS, None)], vdir=SNAPFS_INO))
+        view, node = self._resolve_dir(inode)
+        listing = view.listdir(node.ino)
+        return self._new_fh(Handle(view, node, listing=listing))
+
+    @handler
+    async def readdir(self, fh, start_id, token):
+        h = self._handles[fh]
+        listing = h.listing
+        parent = h.node
+        for i in range(start_id, len(listing) + 2):
+            if i == 0:
+                name = b"."
+                attrs = (self._attrs(h.view, parent) if h.view else self._virtual_attrs(MNT_ROOT))
+            elif i == 1:
+                name = b".."
+                attrs = self._virtual_attrs(MNT_ROOT)
+            else:
+                name, ino = listing[i - 2]
+                try:
+                    attrs = await self._entry_attrs(h, name, ino)
+                except FsError:
+                    continue
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                return
+            if i >= 2:
+                self._counted(attrs)
+
+    async def _entry_attrs(self, h: Handle, name: bytes, ino: int | None):
+        if h.view is not None:
+            return self._attrs(h.view, h.view.get(ino))
+        return await self._lookup(h.vdir, name)
+
+    @handler
+    async def releasedir(self, fh):
+        self._handles.pop(fh, None)
+
+    @handler
+    async def fsyncdir(self, fh, datasync):
+        await self.fs.sync()
+
+    # -- xattrs --------------------------------------------------------------------------------
+    @handler
+    async def setxattr(self, inode, name, value, ctx):
+        view, node = self._resolve_dir(inode)
+        view.setxattr(node.ino, name, value)
+
+    @handler
+    async def getxattr(self, inode, name, ctx):
+        if inode < FIRST_DYNAMIC:
+            raise FsError(pyfuse3.ENOATTR)
+        view, node = self._resolve(inode)
+        return view.getxattr(node.ino, name)
+
+    @handler
+    async def listxattr(self, inode, ctx):
+        if inode < FIRST_DYNAMIC:
+            return []
+        view, node = self._resolve(inode)
+        return view.listxattr(node.ino)
+
+    @handler
+    async def removexattr(self, inode, name, ctx):
+        view, node = self._resolve_dir(inode)
+        view.removexattr(node.ino, name)
+
+    @handler
+    async def statfs(self, ctx):
+        st = os.statvfs(self.fs.repo.paths.root)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = st.f_frsize
+        s.f_blocks, s.f_bfree, s.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
+        s.f_files = max(st.f_files, 1 << 32)
+        s.f_ffree = s.f_favail = s.f_files // 2
+        s.f_namemax = 255
+        return s
+
+
+def _invalidate_inodes(finos: list[int]) -> None:
+    for fino in finos:
+        try:
+            pyfuse3.invalidate_inode(fino)
+        except OSError:
+            pass  # the kernel no longer knows it: nothing to invalidate
+
+
+async def run_filesystem(fs: Filesystem, ops: SnapfsOperations,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.background)
+        task_status.started()
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()

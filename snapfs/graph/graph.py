@@ -1,0 +1,311 @@
+"""The snapshot graph: vertices, volumes, commit, and the chunk reference bookkeeping.
+
+Every vertex v knows its parent and two sets of chunk ids, kept as Roaring bitmaps:
+added(v) = C(v) - C(p(v)) and removed(v) = C(p(v)) - C(v). delta(v) = #added(v). These are
+all the accounting needs (graph/accounting.py); they change only where data changes, so
+a commit costs O(1) beyond flushing the draft, whatever the size of the volume.
+
+C(v) membership is decided by reference counts, because a deduplicated chunk can be
+referenced from many places in one tree. Each vertex stores, per chunk whose count it
+changed, refs = its count minus its parent's count (table vertex_chunks). The count in v
+is the sum of refs over v's ancestors-or-self; a draft caches its parent's count for the
+chunks it touches, so a write costs one indexed query per newly touched chunk.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+from pyroaring import BitMap
+
+from snapfs.errors import AlreadyExists, NotFound, Refused, UsageError
+from snapfs.store.catalog import Catalog
+from snapfs.types import ROOT_INO, VertexId
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}$")
+
+
+@dataclass
+class Vertex:
+    id: VertexId
+    parent: VertexId | None
+    kind: str  # 'snapshot' | 'draft'
+    volume: str
+    label: str | None
+    created: float
+    delta: int = 0
+    referenced: int = 0
+    added: BitMap = field(default_factory=BitMap)
+    removed: BitMap = field(default_factory=BitMap)
+
+    @property
+    def name(self) -> str | None:
+        return f"{self.volume}@{self.label}" if self.kind == "snapshot" else None
+
+    @property
+    def is_draft(self) -> bool:
+        return self.kind == "draft"
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"invalid {kind} name {name!r}: use 1-200 characters from letters, digits and "
+            "_ . + : - (not starting with . or -; no / or @)"
+        )
+    return name
+
+
+class DraftRefs:
+    """Reference-count bookkeeping of one draft: its own rows and its parent's counts."""
+
+    def __init__(self) -> None:
+        self.own: dict[int, list[int]] = {}  # chunk -> [refs, presence]
+        self.base: dict[int, int] = {}  # chunk -> count in the parent
+
+
+class Graph:
+    """All vertices and volumes of a repository, cached in memory, persisted in the catalog.
+
+    Methods are synchronous and must be called from one thread (the trio thread in the
+    daemon): each one is atomic with respect to FUSE handlers.
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.cat = catalog
+        self.vertices: dict[int, Vertex] = {}
+        self.children: dict[int, set[int]] = {}
+        self.volumes: dict[str, int] = {}  # volume name -> its draft
+        self.snapshot_drafts: dict[int, int] = {}  # snapshot id -> draft shown over it
+        self.by_name: dict[str, int] = {}
+        self._refs: dict[int, DraftRefs] = {}
+        self._chains: dict[int, dict[int, int]] = {}
+        self.version = 0  # bumped on every structural change (stats consistency, caches)
+        self._load()
+
+    # -- loading ---------------------------------------------------------------------------
+    def _load(self) -> None:
+        rows = self.cat.execute(
+            "SELECT id, parent, kind, volume, label, created, delta, referenced, added, removed "
+            "FROM vertices").fetchall()
+        for vid, parent, kind, volume, label, created, delta, ref, added, removed in rows:
+            v = Vertex(vid, parent, kind, volume, label, created, delta, ref)
+            if kind == "snapshot":
+                v.added = BitMap.deserialize(added) if added else BitMap()
+                v.removed = BitMap.deserialize(removed) if removed else BitMap()
+            self._add_vertex(v)
+        for vid, chunk, presence in self.cat.execute(
+            "SELECT vc.vertex, vc.chunk, vc.presence FROM vertex_chunks vc "
+            "JOIN vertices v ON v.id = vc.vertex WHERE v.kind='draft' AND vc.presence != 0"):
+            (self.vertices[vid].added if presence > 0 else self.vertices[vid].removed).add(chunk)
+        self.volumes = dict(self.cat.execute("SELECT name, draft FROM volumes").fetchall())
+        self.snapshot_drafts = dict(
+            self.cat.execute("SELECT snapshot, draft FROM snapshot_drafts").fetchall())
+
+    def _add_vertex(self, v: Vertex) -> None:
+        self.vertices[v.id] = v
+        self.children.setdefault(v.id, set())
+        if v.parent is not None:
+            self.children.setdefault(v.parent, set()).add(v.id)
+        if v.kind == "snapshot":
+            self.by_name[v.name] = v.id
+
+    # -- lookups -----------------------------------------------------------------------------
+    def snapshot(self, name: str) -> Vertex:
+        vid = self.by_name.get(name)
+        if vid is None:
+            raise NotFound(f"no snapshot named {name!r} (see `snapfs snapshot list`)")
+        return self.vertices[vid]
+
+    def volume_draft(self, name: str) -> Vertex:
+        vid = self.volumes.get(name)
+        if vid is None:
+            raise NotFound(f"no volume named {name!r} (see `snapfs volume list`)")
+        return self.vertices[vid]
+
+    def volume_head(self, name: str) -> Vertex | None:
+        parent = self.volume_draft(name).parent
+        return None if parent is None else self.vertices[parent]
+
+    def snapshots(self) -> list[Vertex]:
+        return [v for v in self.vertices.values() if v.kind == "snapshot"]
+
+    def chain(self, vid: int) -> dict[int, int]:
+        """Ancestors-or-self of vid mapped to their depth (root = 0). Cached."""
+        chain = self._chains.get(vid)
+        if chain is None:
+            path = []
+            cur: int | None = vid
+            while cur is not None:
+                path.append(cur)
+                cur = self.vertices[cur].parent
+            chain = {v: depth for depth, v in enumerate(reversed(path))}
+            self._chains[vid] = chain
+        return chain
+
+    # -- creating vertices ------------------------------------------------------------------
+    def _next_id(self, key: str) -> int:
+        value = int(self.cat.meta_get(key, 1))
+        self.cat.meta_set(key, value + 1)
+        return value
+
+    def alloc_ino(self) -> int:
+        return self._next_id("next_ino")
+
+    def _new_vertex(self, parent: int | None, kind: str, volume: str,
+                    label: str | None = None) -> Vertex:
+        vid = VertexId(self._next_id("next_vertex"))
+        ref = self.vertices[parent].referenced if parent is not None else 0
+        v = Vertex(vid, parent, kind, volume, label, time.time(), 0, ref)
+        self.cat.write(
+            "INSERT INTO vertices (id, parent, kind, volume, label, name, created, delta, "
+            "referenced) VALUES (?,?,?,?,?,?,?,?,?)",
+            (vid, parent, kind, volume, label, v.name, v.created, 0, ref))
+        self._add_vertex(v)
+        self.version += 1
+        return v
+
+    def create_volume(self, name: str, source: str | None = None) -> Vertex:
+        """A new volume: an empty root draft, or a clone (a draft over a snapshot, O(1))."""
+        check_name("volume", name)
+        if name in self.volumes:
+            raise AlreadyExists(f"volume {name!r} already exists")
+        if source is None:
+            draft = self._new_vertex(None, "draft", name)
+            now = time.time_ns()
+            self.cat.write(
+                "INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (ROOT_INO, draft.id, 0o40755, 2, 0, 0, 0, now, now, now, 0, None))
+        else:
+            draft = self._new_vertex(self.snapshot(source).id, "draft", name)
+        self.cat.write("INSERT INTO volumes VALUES (?,?,?)", (name, draft.id, time.time()))
+        self.volumes[name] = draft.id
+        return draft
+
+    def snapshot_draft(self, snapshot_id: int, create: bool) -> Vertex | None:
+        """The draft written under .snapshots/S, created on the first write."""
+        vid = self.snapshot_drafts.get(snapshot_id)
+        if vid is not None:
+            return self.vertices[vid]
+        if not create:
+            return None
+        snap = self.vertices[snapshot_id]
+        draft = self._new_vertex(snap.id, "draft", snap.volume)
+        self.cat.write("INSERT INTO snapshot_drafts VALUES (?,?)", (snap.id, draft.id))
+        self.snapshot_drafts[snap.id] = draft.id
+        return draft
+
+    def commit(self, draft_id: int, label: str | None) -> Vertex:
+        """Seal a draft into a snapshot. O(1) plus the size of its own added/removed sets.
+
+        For a volume's draft the volume continues from the new snapshot with a fresh empty
+        draft. For the draft over .snapshots/S the new snapshot is a branch off S and the
+        directory shows S again (its draft is dropped).
+        """
+        draft = self.vertices[draft_id]
+        if not draft.is_draft:
+            raise Refused(f"vertex {draft_id} is already a snapshot")
+        if label is None:
+            label = self._default_label(draft.volume)
+        check_name("label", label)
+        name = f"{draft.volume}@{label}"
+        if name in self.by_name:
+            raise AlreadyExists(f"snapshot {name} already exists: choose another --label")
+        draft.kind, draft.label = "snapshot", label
+        self.cat.write(
+            "UPDATE vertices SET kind='snapshot', label=?, name=?, sealed=?, delta=?, "
+            "referenced=?, added=?, removed=? WHERE id=?",
+            (label, name, time.time(), draft.delta, draft.referenced,
+             draft.added.serialize(), draft.removed.serialize(), draft.id))
+        self.by_name[name] = draft.id
+        self._refs.pop(draft.id, None)
+        self.version += 1
+        for vol, vid in self.volumes.items():
+            if vid == draft.id:
+                nxt = self._new_vertex(draft.id, "draft", vol)
+                self.cat.write("UPDATE volumes SET draft=? WHERE name=?", (nxt.id, vol))
+                self.volumes[vol] = nxt.id
+                return draft
+        for snap, vid in list(self.snapshot_drafts.items()):
+            if vid == draft.id:
+                self.cat.write("DELETE FROM snapshot_drafts WHERE snapshot=?", (snap,))
+                del self.snapshot_drafts[snap]
+        return draft
+
+    def _default_label(self, volume: str) -> str:
+        base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+        label, n = base, 1
+        while f"{volume}@{label}" in self.by_name:
+            n += 1
+            label = f"{base}.{n}"
+        return label
+
+    # -- chunk references ---------------------------------------------------------------------
+    def _draft_refs(self, draft_id: int) -> DraftRefs:
+        refs = self._refs.get(draft_id)
+        if refs is None:
+            refs = self._refs[draft_id] = DraftRefs()
+        return refs
+
+    def count_in(self, vid: int, chunk: int) -> int:
+        """How many references vertex vid holds to chunk (sum of refs over its chain)."""
+        chain = self.chain(vid)
+        total = 0
+        for vertex, refs in self.cat.execute(
+                "SELECT vertex, refs FROM vertex_chunks WHERE chunk=?", (chunk,)):
+            if vertex in chain:
+                total += refs
+        return total
+
+    def adjust_refs(self, draft_id: int, changes: dict[int, int]) -> None:
+        """Apply reference-count changes in a draft and keep added/removed/delta exact."""
+        draft = self.vertices[draft_id]
+        state = self._draft_refs(draft_id)
+        for chunk, change in changes.items():
+            if change == 0 or chunk == 0:
+                continue
+            own = state.own.get(chunk)
+            if own is None:
+                row = self.cat.execute(
+                    "SELECT refs, presence FROM vertex_chunks WHERE vertex=? AND chunk=?",
+                    (draft_id, chunk)).fetchone()
+                own = state.own[chunk] = list(row) if row else [0, 0]
+            base = state.base.get(chunk)
+            if base is None:
+                base = 0 if draft.parent is None else self.count_in(draft.parent, chunk)
+                state.base[chunk] = base
+            own[0] += change
+            count = base + own[0]
+            if count < 0:
+                raise AssertionError(f"negative reference count for chunk {chunk}")
+            presence = (1 if base == 0 and count > 0 else -1 if base > 0 and count == 0 else 0)
+            self._set_presence(draft, chunk, own[1], presence)
+            own[1] = presence
+            if own[0] == 0 and presence == 0:
+                self.cat.write("DELETE FROM vertex_chunks WHERE vertex=? AND chunk=?",
+                               (draft_id, chunk))
+            else:
+                self.cat.write("INSERT OR REPLACE INTO vertex_chunks VALUES (?,?,?,?)",
+                               (draft_id, chunk, own[0], presence))
+
+    def _set_presence(self, v: Vertex, chunk: int, old: int, new: int) -> None:
+        if old == new:
+            return
+        if old == 1:
+            v.added.discard(chunk)
+            v.delta -= 1
+            v.referenced -= 1
+        elif old == -1:
+            v.removed.discard(chunk)
+            v.referenced += 1
+        if new == 1:
+            v.added.add(chunk)
+            v.delta += 1
+            v.referenced += 1
+        elif new == -1:
+            v.removed.add(chunk)
+            v.referenced -= 1
+        self.cat.write("UPDATE vertices SET delta=?, referenced=? WHERE id=?",
+                       (v.delta, v.referenced, v.id))

@@ -1,0 +1,1 @@
+"""Chunk storage: append-only pack files, checksums and the repository directory."""

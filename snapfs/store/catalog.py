@@ -1,0 +1,209 @@
+"""The catalog: all metadata in one SQLite database (WAL mode).
+
+Schema (format 1). Everything a vertex changes is a row tagged with that vertex, so a
+snapshot shares every unchanged row with its ancestors and a commit writes nothing but
+the vertex row itself. The version of an item seen from vertex v is the row whose vertex
+is the nearest ancestor-or-self of v (see vfs/view.py).
+
+    meta(key, value)               format, next_ino, next_vertex...
+    vertices(id, parent, kind, volume, label, name, created, sealed, delta, referenced,
+             added, removed)
+        kind 'snapshot' (immutable, named VOLUME@LABEL) or 'draft' (writable).
+        parent NULL for a root. delta = #added chunks, referenced = #C(v).
+        added/removed: the serialized Roaring bitmaps of chunk ids that entered/left C(v)
+        (written when a draft is sealed; a draft's are rebuilt from vertex_chunks).
+    volumes(name, draft, created)  the volume's draft; its head is the draft's parent
+    snapshot_drafts(snapshot, draft)  the draft shown under .snapshots/SNAPSHOT
+    inodes(ino, vertex, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev,
+           target)             mode 0 = the inode is gone in this vertex
+    dirents(parent, name, vertex, ino)        ino 0 = a whiteout (name removed here)
+    blocks(ino, idx, vertex, chunk)           chunk 0 = a hole (or truncated away)
+    xattrs(ino, name, vertex, value)          value NULL = removed here
+    chunks(id, hash, pack, offset, length, raw_len)
+        hash = HMAC-SHA256(id key, plaintext): the identity used for deduplication.
+        A chunk in no vertex's added set is held by nothing: garbage for the collector.
+    vertex_chunks(vertex, chunk, refs, presence)
+        refs: change in the number of references to chunk in this vertex vs its parent;
+        presence: +1 chunk entered C(v) here (in delta), -1 left it, 0 no change.
+
+Concurrency contract: one Connection, used only from the trio thread of the daemon (or
+the one thread of a CLI command). Statements are short index lookups; a transaction is
+kept open and committed in groups (group commit) by Catalog.commit(). Checkpoints run on
+a second connection in a worker thread (Catalog.checkpoint), never on the trio thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from snapfs.errors import FormatError
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vertices (
+    id INTEGER PRIMARY KEY,
+    parent INTEGER,
+    kind TEXT NOT NULL CHECK (kind IN ('snapshot', 'draft')),
+    volume TEXT NOT NULL,
+    label TEXT,
+    name TEXT UNIQUE,
+    created REAL NOT NULL,
+    sealed REAL,
+    delta INTEGER NOT NULL DEFAULT 0,
+    referenced INTEGER NOT NULL DEFAULT 0,
+    added BLOB,
+    removed BLOB
+);
+CREATE INDEX IF NOT EXISTS vertices_by_parent ON vertices (parent);
+CREATE TABLE IF NOT EXISTS volumes (
+    name TEXT PRIMARY KEY,
+    draft INTEGER NOT NULL,
+    created REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshot_drafts (
+    snapshot INTEGER PRIMARY KEY,
+    draft INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER NOT NULL, vertex INTEGER NOT NULL,
+    mode INTEGER NOT NULL, nlink INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL, atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, target BLOB,
+    PRIMARY KEY (ino, vertex)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inodes_by_vertex ON inodes (vertex);
+CREATE TABLE IF NOT EXISTS dirents (
+    parent INTEGER NOT NULL, name BLOB NOT NULL, vertex INTEGER NOT NULL, ino INTEGER NOT NULL,
+    PRIMARY KEY (parent, name, vertex)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dirents_by_vertex ON dirents (vertex);
+CREATE TABLE IF NOT EXISTS blocks (
+    ino INTEGER NOT NULL, idx INTEGER NOT NULL, vertex INTEGER NOT NULL, chunk INTEGER NOT NULL,
+    PRIMARY KEY (ino, idx, vertex)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blocks_by_vertex ON blocks (vertex);
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino INTEGER NOT NULL, name BLOB NOT NULL, vertex INTEGER NOT NULL, value BLOB,
+    PRIMARY KEY (ino, name, vertex)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS xattrs_by_vertex ON xattrs (vertex);
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE,
+    pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    raw_len INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vertex_chunks (
+    vertex INTEGER NOT NULL, chunk INTEGER NOT NULL,
+    refs INTEGER NOT NULL, presence INTEGER NOT NULL,
+    PRIMARY KEY (vertex, chunk)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vertex_chunks_by_chunk ON vertex_chunks (chunk, vertex);
+"""
+
+
+class Catalog:
+    """The SQLite connection plus group commit and background checkpoints."""
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        existed = os.path.exists(path)
+        if readonly and not existed:
+            raise FormatError(f"catalog {path} is missing")
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        try:
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
+                                      check_same_thread=False, cached_statements=256)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a commit writes the WAL without fsync (survives a killed process);
+            # durability for fsync() and snapshot commits comes from sync_wal().
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self.db.execute("PRAGMA cache_size=-65536")
+            self.db.execute("PRAGMA temp_store=MEMORY")
+            if not readonly:
+                self.db.executescript(SCHEMA)
+                self._check_format(existed)
+        except sqlite3.DatabaseError as e:
+            raise FormatError(f"catalog {path} cannot be read ({e}); run `snapfs fsck`")
+        self._in_tx = False
+        self.last_commit = time.monotonic()
+
+    def _check_format(self, existed: bool) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('next_ino', 2)")
+        elif row[0] != SCHEMA_VERSION:
+            raise FormatError(f"catalog schema {row[0]} is not supported (want {SCHEMA_VERSION})")
+
+    # -- transactions ------------------------------------------------------------------
+    def begin(self) -> None:
+        """Make sure a write transaction is open; the caller's changes join it."""
+        if not self._in_tx:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._in_tx = True
+
+    def execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        return self.db.execute(sql, args)
+
+    def write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        self.begin()
+        return self.db.execute(sql, args)
+
+    def writemany(self, sql: str, rows) -> None:
+        self.begin()
+        self.db.executemany(sql, rows)
+
+    def commit(self) -> None:
+        """End the group transaction (WAL append, no fsync: see sync_wal)."""
+        if self._in_tx:
+            self.db.execute("COMMIT")
+            self._in_tx = False
+        self.last_commit = time.monotonic()
+
+    def rollback(self) -> None:
+        if self._in_tx:
+            self.db.execute("ROLLBACK")
+            self._in_tx = False
+
+    def sync_wal(self) -> None:
+        """fsync the WAL file: everything committed so far survives a power loss.
+
+        Safe to call from a worker thread: it touches only the file, not the connection.
+        """
+        for name in (self.path + "-wal", self.path):
+            try:
+                fd = os.open(name, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL back into the database; runs on its own connection (any thread)."""
+        con = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            con.close()
+
+    # -- small helpers -------------------------------------------------------------------
+    def meta_get(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def meta_set(self, key: str, value) -> None:
+        self.write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def close(self) -> None:
+        if not self.readonly:
+            self.commit()
+        self.db.close()

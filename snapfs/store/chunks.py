@@ -1,0 +1,152 @@
+"""Chunks by identity: deduplication, the chunk index, a read cache and integrity checks.
+
+A chunk's identity is HMAC-SHA256(id key, plaintext) with a per-repository random key,
+so equal plaintexts deduplicate but nobody without the key learns which chunks are equal
+(the key is wrapped in an encrypted repository). The index row (chunks table) maps the
+identity to a chunk id and the record's place in a pack file.
+
+Hashing and pack I/O run in worker threads (hashlib and os.pread/pwrite release the GIL);
+the index is touched only from the calling (trio) thread, between awaits, so each put is
+atomic with respect to other handlers. Two concurrent puts of the same new content share
+one record: the second waits for the first.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections import OrderedDict
+
+import trio
+
+from snapfs.errors import IntegrityError
+from snapfs.store.catalog import Catalog
+from snapfs.store.packs import PackStore
+from snapfs.types import ChunkLocation
+
+log = logging.getLogger(__name__)
+
+
+class ChunkCache:
+    """A byte-bounded LRU of plaintext chunks (hot reads never touch the pack files)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.size = 0
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+
+    def get(self, cid: int) -> bytes | None:
+        data = self._items.get(cid)
+        if data is not None:
+            self._items.move_to_end(cid)
+        return data
+
+    def put(self, cid: int, data: bytes) -> None:
+        if cid in self._items:
+            return
+        self._items[cid] = data
+        self.size += len(data)
+        while self.size > self.limit and self._items:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+    def drop(self, cid: int) -> None:
+        data = self._items.pop(cid, None)
+        if data is not None:
+            self.size -= len(data)
+
+
+class ChunkManager:
+    def __init__(self, catalog: Catalog, packs: PackStore, id_key: bytes, *,
+                 cache_bytes: int = 64 * 1024 * 1024) -> None:
+        self.cat = catalog
+        self.packs = packs
+        self.id_key = id_key
+        self.cache = ChunkCache(cache_bytes)
+        self._pending: dict[bytes, trio.Event] = {}
+
+    def identity(self, payload: bytes) -> bytes:
+        return hmac.digest(self.id_key, payload, "sha256")
+
+    # -- writing ---------------------------------------------------------------------------
+    async def put(self, payload: bytes) -> int:
+        """Store payload (non-empty, trailing zeros already stripped); return its chunk id."""
+        digest = await trio.to_thread.run_sync(self.identity, payload)
+        return await self.put_hashed(digest, payload)
+
+    async def put_hashed(self, digest: bytes, payload: bytes) -> int:
+        while True:
+            row = self.cat.execute("SELECT id, pack FROM chunks WHERE hash=?", (digest,)).fetchone()
+            if row is not None and row[1] >= 0:
+                return row[0]
+            pending = self._pending.get(digest)
+            if pending is None:
+                break
+            await pending.wait()
+        event = self._pending[digest] = trio.Event()
+        try:
+            cid = self.cat.write(
+                "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
+                (digest, len(payload))).lastrowid
+            try:
+                loc = await trio.to_thread.run_sync(
+                    self.packs.append, cid, payload, len(payload), 0)
+            except BaseException:
+                self.cat.write("DELETE FROM chunks WHERE id=?", (cid,))
+                raise
+            self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
+                           (loc.pack, loc.offset, loc.length, cid))
+            self.cache.put(cid, payload)
+            return cid
+        finally:
+            del self._pending[digest]
+            event.set()
+
+    def put_sync(self, payload: bytes) -> int:
+        """put() for single-threaded callers without trio (tests, import, CLI)."""
+        digest = self.identity(payload)
+        row = self.cat.execute("SELECT id FROM chunks WHERE hash=?", (digest,)).fetchone()
+        if row is not None:
+            return row[0]
+        cid = self.cat.write(
+            "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
+            (digest, len(payload))).lastrowid
+        loc = self.packs.append(cid, payload, len(payload), 0)
+        self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
+                       (loc.pack, loc.offset, loc.length, cid))
+        return cid
+
+    # -- reading -----------------------------------------------------------------------------
+    def location(self, cid: int) -> ChunkLocation:
+        row = self.cat.execute("SELECT pack, offset, length FROM chunks WHERE id=?",
+                               (cid,)).fetchone()
+        if row is None or row[0] < 0:
+            raise IntegrityError(f"chunk {cid} is referenced but not in the chunk index")
+        return ChunkLocation(*row)
+
+    def _read_verified(self, cid: int, loc: ChunkLocation) -> bytes:
+        payload, flags = self.packs.read(cid, loc)
+        if flags:
+            raise IntegrityError(f"chunk {cid} is encrypted but this repository has no key")
+        return payload
+
+    async def get(self, cid: int) -> bytes:
+        data = self.cache.get(cid)
+        if data is None:
+            loc = self.location(cid)
+            try:
+                data = await trio.to_thread.run_sync(self._read_verified, cid, loc)
+            except IntegrityError as e:
+                log.error("damaged data: %s", e)
+                raise
+            self.cache.put(cid, data)
+        return data
+
+    def get_sync(self, cid: int) -> bytes:
+        data = self.cache.get(cid)
+        if data is None:
+            data = self._read_verified(cid, self.location(cid))
+        return data
+
+    async def sync(self) -> None:
+        await trio.to_thread.run_sync(self.packs.sync)

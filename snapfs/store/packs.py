@@ -1,0 +1,174 @@
+"""Append-only pack files holding chunk records.
+
+A pack file is a 16-byte header followed by records::
+
+    magic  b"SFCK"            4 bytes
+    flags  u16                bit 0: payload is encrypted (crypto envelope)
+    resv   u16
+    length u32                payload length in bytes
+    raw    u32                plaintext length (== length when not encrypted)
+    chunk  u64                chunk id the record was written for
+    check  u64                xxh3_64 of the 24 header bytes before it and the payload
+    payload
+
+Records are never modified. The index (which chunk lives where) is in the catalog; the
+records are self-describing so that fsck can cross-check the index against the packs.
+Every read verifies the checksum: a mismatch raises IntegrityError, never returns data.
+
+Crash safety: a record is appended with one pwrite at the end of the current pack; the
+catalog references it only after that write returned (and, for durability, after
+``sync``). A record torn by a crash is therefore never referenced. Each process that
+opens the store for writing starts a fresh pack, so no writer ever appends after a torn
+tail.
+
+Thread safety: ``append`` and ``sync`` take a lock; ``read`` uses pread and needs none.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+
+import xxhash
+
+from snapfs.errors import IntegrityError
+from snapfs.types import ChunkLocation
+
+PACK_MAGIC = b"SNAPFSPK"
+PACK_VERSION = 1
+PACK_HEADER = struct.Struct("<8sII")  # magic, version, pack id
+RECORD_MAGIC = b"SFCK"
+RECORD_HEADER = struct.Struct("<4sHHIIQ")  # magic, flags, resv, length, raw, chunk
+CHECK = struct.Struct("<Q")
+RECORD_OVERHEAD = RECORD_HEADER.size + CHECK.size
+FLAG_ENCRYPTED = 1
+DEFAULT_PACK_LIMIT = 128 * 1024 * 1024
+
+
+def pack_name(pack_id: int) -> str:
+    return f"{pack_id:08d}.pack"
+
+
+class PackStore:
+    """The embedded ChunkStore: pack files in one directory."""
+
+    def __init__(self, directory: str, *, writable: bool, pack_limit: int = DEFAULT_PACK_LIMIT):
+        self.directory = directory
+        self.writable = writable
+        self.pack_limit = pack_limit
+        self._lock = threading.Lock()
+        self._read_fds: dict[int, int] = {}
+        self._write_id = 0
+        self._write_fd = -1
+        self._write_end = 0
+        self._unsynced = False
+        os.makedirs(directory, exist_ok=True)
+
+    # -- writing -------------------------------------------------------------------
+    def pack_ids(self) -> list[int]:
+        ids = []
+        for name in os.listdir(self.directory):
+            if name.endswith(".pack") and name[:-5].isdigit():
+                ids.append(int(name[:-5]))
+        return sorted(ids)
+
+    def _open_new_pack(self) -> None:
+        if self._write_fd >= 0:
+            os.fsync(self._write_fd) if self._unsynced else None
+            os.close(self._write_fd)
+        existing = self.pack_ids()
+        self._write_id = (existing[-1] + 1) if existing else 1
+        path = os.path.join(self.directory, pack_name(self._write_id))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, self._write_id))
+        self._write_fd = fd
+        self._write_end = PACK_HEADER.size
+        self._unsynced = True
+        _fsync_dir(self.directory)
+
+    def append(self, chunk_id: int, payload: bytes, raw_len: int, flags: int = 0) -> ChunkLocation:
+        """Append one record; returns its location. The record is durable after sync()."""
+        if not self.writable:
+            raise IntegrityError("the chunk store is open read-only")
+        header = RECORD_HEADER.pack(RECORD_MAGIC, flags, 0, len(payload), raw_len, chunk_id)
+        check = xxhash.xxh3_64(header)
+        check.update(payload)
+        record = b"".join((header, CHECK.pack(check.intdigest()), payload))
+        with self._lock:
+            if self._write_fd < 0 or self._write_end + len(record) > self.pack_limit:
+                self._open_new_pack()
+            offset = self._write_end
+            written = os.pwrite(self._write_fd, record, offset)
+            if written != len(record):  # a short write means the disk is full
+                raise OSError(28, "short write to pack file (disk full?)")
+            self._write_end += len(record)
+            self._unsynced = True
+            return ChunkLocation(self._write_id, offset, len(record))
+
+    def sync(self) -> None:
+        """Make every appended record durable (fdatasync of the current pack)."""
+        with self._lock:
+            if self._write_fd >= 0 and self._unsynced:
+                os.fdatasync(self._write_fd)
+                self._unsynced = False
+
+    @property
+    def current_pack(self) -> int:
+        return self._write_id
+
+    # -- reading -------------------------------------------------------------------
+    def _fd(self, pack_id: int) -> int:
+        fd = self._read_fds.get(pack_id)
+        if fd is None:
+            path = os.path.join(self.directory, pack_name(pack_id))
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise IntegrityError(f"pack file {path} is missing")
+            self._read_fds[pack_id] = fd
+        return fd
+
+    def read(self, chunk_id: int, loc: ChunkLocation) -> tuple[bytes, int]:
+        """Read and verify one record; returns (payload, flags)."""
+        data = os.pread(self._fd(loc.pack), loc.length, loc.offset)
+        return verify_record(data, chunk_id, loc)
+
+    def pack_size(self, pack_id: int) -> int:
+        return os.stat(os.path.join(self.directory, pack_name(pack_id))).st_size
+
+    def close(self) -> None:
+        with self._lock:
+            if self._write_fd >= 0:
+                if self._unsynced:
+                    os.fdatasync(self._write_fd)
+                os.close(self._write_fd)
+                self._write_fd = -1
+        for fd in self._read_fds.values():
+            os.close(fd)
+        self._read_fds.clear()
+
+
+def verify_record(data: bytes, chunk_id: int, loc: ChunkLocation) -> tuple[bytes, int]:
+    """Check one record's framing and checksum; raise IntegrityError naming it."""
+    where = f"chunk {chunk_id} in {pack_name(loc.pack)} at offset {loc.offset}"
+    if len(data) != loc.length or len(data) < RECORD_OVERHEAD:
+        raise IntegrityError(f"{where}: record truncated ({len(data)} of {loc.length} bytes)")
+    magic, flags, _resv, length, _raw, stored_id = RECORD_HEADER.unpack_from(data)
+    if magic != RECORD_MAGIC or length != loc.length - RECORD_OVERHEAD or stored_id != chunk_id:
+        raise IntegrityError(f"{where}: record header damaged")
+    (stored_check,) = CHECK.unpack_from(data, RECORD_HEADER.size)
+    check = xxhash.xxh3_64(data[: RECORD_HEADER.size])
+    payload = data[RECORD_OVERHEAD:]
+    check.update(payload)
+    if check.intdigest() != stored_check:
+        raise IntegrityError(f"{where}: checksum mismatch")
+    return payload, flags
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,165 @@
+"""The repository directory: layout, configuration and the single-writer lock.
+
+Layout::
+
+    REPO/snapfs.json    configuration: format version, chunk size, id key, crypto params
+    REPO/meta.db        the catalog (SQLite, WAL) -- see graph/catalog.py for the schema
+    REPO/packs/         append-only pack files (store/packs.py)
+    REPO/lock           flock()ed by the one process that may write (a mount or a CLI)
+    REPO/snapfs.pid     pid of the mounted daemon
+    REPO/snapfs.sock    the daemon's control socket (CLI commands against a mount)
+    REPO/snapfs.log     the daemon's log
+
+The configuration is written once at init (atomically: temp file, fsync, rename) and
+read at every open; its format number is checked before anything else is touched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+from dataclasses import dataclass
+
+from snapfs import FORMAT_VERSION
+from snapfs.errors import AlreadyExists, FormatError, NotARepository, RepositoryLocked, UsageError
+
+CONFIG = "snapfs.json"
+DEFAULT_CHUNK_SIZE = 128 * 1024
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 16 * 1024 * 1024
+
+
+@dataclass
+class RepoConfig:
+    format: int
+    chunk_size: int
+    repo_id: str
+    id_key: bytes  # keys the chunk identities (HMAC-SHA256 of the plaintext)
+    encryption: dict | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "format": self.format,
+            "chunk_size": self.chunk_size,
+            "repo_id": self.repo_id,
+            "id_key": self.id_key.hex(),
+            "encryption": self.encryption,
+        }
+
+
+class RepoPaths:
+    """Names of everything inside a repository directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.config = os.path.join(self.root, CONFIG)
+        self.db = os.path.join(self.root, "meta.db")
+        self.packs = os.path.join(self.root, "packs")
+        self.lock = os.path.join(self.root, "lock")
+        self.pid = os.path.join(self.root, "snapfs.pid")
+        self.sock = os.path.join(self.root, "snapfs.sock")
+        self.log = os.path.join(self.root, "snapfs.log")
+
+
+def parse_size(text: str) -> int:
+    """'128K', '1M', '4096' -> bytes."""
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in "KMG" else (t, "")
+    try:
+        return int(num) * units[unit]
+    except ValueError:
+        raise UsageError(f"cannot read size {text!r}: use a number with an optional K, M or G")
+
+
+def is_repository(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG))
+
+
+def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> RepoConfig:
+    """Create the directory skeleton and configuration (the catalog is created on open)."""
+    if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(
+            f"chunk size {chunk_size} must be a power of two between "
+            f"{MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"
+        )
+    paths = RepoPaths(root)
+    if os.path.exists(paths.config):
+        raise AlreadyExists(f"{paths.root} is already a snapfs repository")
+    if os.path.isdir(paths.root) and os.listdir(paths.root):
+        raise UsageError(f"{paths.root} exists and is not empty: choose an empty or new directory")
+    os.makedirs(paths.packs, exist_ok=True)
+    config = RepoConfig(FORMAT_VERSION, chunk_size, secrets.token_hex(16), secrets.token_bytes(32))
+    write_json_atomic(paths.config, config.to_json(), mode=0o600)
+    return config
+
+
+def load_config(root: str) -> RepoConfig:
+    paths = RepoPaths(root)
+    try:
+        with open(paths.config) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise NotARepository(f"{paths.root} is not a snapfs repository (no {CONFIG}); "
+                             f"create one with `snapfs init {root}`")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{paths.config} is damaged ({e}); the repository cannot be opened")
+    fmt = raw.get("format")
+    if fmt != FORMAT_VERSION:
+        raise FormatError(f"{paths.root} has format {fmt}; this snapfs reads format "
+                          f"{FORMAT_VERSION} only")
+    try:
+        return RepoConfig(fmt, int(raw["chunk_size"]), raw["repo_id"], bytes.fromhex(raw["id_key"]),
+                          raw.get("encryption"))
+    except (KeyError, ValueError, TypeError) as e:
+        raise FormatError(f"{paths.config} is damaged (field {e})")
+
+
+def write_json_atomic(path: str, value: dict, mode: int = 0o644) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, json.dumps(value, indent=2).encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class RepoLock:
+    """flock on REPO/lock: one writer (a mount or a CLI command) at a time.
+
+    The kernel drops the lock when the holder dies, so a SIGKILLed daemon never leaves a
+    stale lock behind. The file records who holds it, for the error message.
+    """
+
+    def __init__(self, paths: RepoPaths) -> None:
+        self.paths = paths
+        self.fd = -1
+
+    def acquire(self, holder: str) -> None:
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RepositoryLocked(
+                f"repository {self.paths.root} is in use by {who}; unmount it first "
+                f"(`snapfs umount MOUNTPOINT`) or run the command against the mount (-C MOUNTPOINT)"
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (pid {os.getpid()})\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

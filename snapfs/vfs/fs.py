@@ -1,0 +1,186 @@
+"""The filesystem of one open repository: views, write-back of dirty data, durability.
+
+Concurrency contract (see docs/design.md): everything here runs on the trio thread.
+Catalog statements are short and run inline; hashing, pack I/O and fsync run in worker
+threads. Code between two awaits is atomic with respect to other FUSE handlers, and every
+catalog mutation happens between awaits, so the catalog is always consistent as seen by
+a handler. Dirty data lives in per-inode buffers until a flush stores it as chunks: on
+fsync, on commit, when the dirty total passes a limit, and every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from snapfs.errors import FsError, NotFound
+from snapfs.graph import stats as graph_stats
+from snapfs.repository import Repository
+from snapfs.vfs.view import Inode, View
+
+log = logging.getLogger(__name__)
+
+MAX_FILE_SIZE = 1 << 46  # 64 TiB
+
+
+class Filesystem:
+    def __init__(self, repo: Repository, *, dirty_limit: int = 256 * 1024 * 1024,
+                 clean_orphans: bool = True) -> None:
+        self.repo = repo
+        self.cat = repo.cat
+        self.graph = repo.graph
+        self.chunks = repo.chunks
+        self.chunk_size = repo.chunk_size
+        self.max_file_size = MAX_FILE_SIZE
+        self.dirty_limit = dirty_limit
+        self.volume_views: dict[str, View] = {}
+        self.snapshot_views: dict[int, View] = {}
+        self._dirty: dict[tuple[int, int], tuple[View, Inode]] = {}
+        self._written_since_check = 0
+        self._sync_lock = trio.Lock()
+        # Called with a View whose content changed without the kernel's knowledge.
+        self.on_view_changed: Callable[[View], None] = lambda view: None
+        if clean_orphans:
+            self._clean_orphans()
+
+    # -- views -------------------------------------------------------------------------------
+    def volume_view(self, name: str) -> View:
+        view = self.volume_views.get(name)
+        if view is None:
+            self.graph.volume_draft(name)
+            view = self.volume_views[name] = View(self, "volume", name)
+        return view
+
+    def snapshot_view(self, name: str) -> View:
+        snap = self.graph.snapshot(name)
+        view = self.snapshot_views.get(snap.id)
+        if view is None:
+            view = self.snapshot_views[snap.id] = View(self, "snapshot", snap.id)
+        return view
+
+    def _clean_orphans(self) -> None:
+        """Files unlinked while open when the last daemon died: release them now."""
+        drafts = [v.id for v in self.graph.vertices.values() if v.is_draft]
+        for draft in drafts:
+            rows = self.cat.execute("SELECT ino FROM inodes WHERE vertex=? AND nlink=0 AND mode!=0",
+                                    (draft,)).fetchall()
+            if not rows:
+                continue
+            view = self._view_of_draft(draft)
+            if view is None:
+                continue
+            for (ino,) in rows:
+                try:
+                    node = view.get(ino)
+                except FsError:
+                    continue
+                view._maybe_delete(node)
+        self.cat.commit()
+
+    def _view_of_draft(self, draft: int) -> View | None:
+        for name, vid in self.graph.volumes.items():
+            if vid == draft:
+                return self.volume_view(name)
+        for snap, vid in self.graph.snapshot_drafts.items():
+            if vid == draft:
+                return self.snapshot_view(self.graph.vertices[snap].name)
+        return None
+
+    # -- dirty data ----------------------------------------------------------------------------
+    def note_dirty(self, view: View, node: Inode, idx: int) -> None:
+        self._dirty[(id(view), node.ino)] = (view, node)
+
+    def note_written(self, nbytes: int) -> None:
+        self._written_since_check += nbytes
+
+    def dirty_bytes(self) -> int:
+        return sum(len(n.buffers) for _, n in self._dirty.values()) * self.chunk_size
+
+    async def throttle(self) -> None:
+        """Back-pressure for writers: keep dirty memory under the limit."""
+        if self._written_since_check < self.chunk_size:
+            return
+        self._written_since_check = 0
+        if self.dirty_bytes() > self.dirty_limit:
+            await self.flush_dirty()
+
+    async def flush_dirty(self, view: View | None = None) -> None:
+        """Store every dirty buffer (of one view, or all) as chunks."""
+        for key, (v, node) in list(self._dirty.items()):
+            if view is not None and v is not view:
+                continue
+            await v.flush_data(node)
+            if not node.buffers:
+                self._dirty.pop(key, None)
+
+    def flush_inodes(self, view: View | None = None) -> None:
+        views = [view] if view else [*self.volume_views.values(), *self.snapshot_views.values()]
+        for v in views:
+            v.flush_inodes()
+
+    async def sync(self, view: View | None = None, node: Inode | None = None) -> None:
+        """Durability point: dirty data, then inode attributes, then fsync packs and WAL."""
+        if node is not None and view is not None:
+            await view.flush_data(node)
+        else:
+            await self.flush_dirty(view)
+        async with self._sync_lock:
+            self.flush_inodes()
+            self.cat.commit()
+            await trio.to_thread.run_sync(self.repo.packs.sync)
+            await trio.to_thread.run_sync(self.cat.sync_wal)
+
+    async def group_commit(self) -> None:
+        """Periodic: store dirty data and end the open catalog transaction (no fsync)."""
+        await self.flush_dirty()
+        self.flush_inodes()
+        await trio.to_thread.run_sync(self.repo.packs.sync)
+        self.cat.commit()
+
+    async def background(self, interval: float = 2.0, checkpoint_every: float = 30.0) -> None:
+        last_checkpoint = time.monotonic()
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.group_commit()
+                if time.monotonic() - last_checkpoint > checkpoint_every:
+                    last_checkpoint = time.monotonic()
+                    await trio.to_thread.run_sync(self.cat.checkpoint)
+            except Exception:
+                log.exception("background write-back failed; will retry")
+
+    # -- graph operations that touch views ------------------------------------------------------
+    async def commit(self, view: View, label: str | None) -> str:
+        """Seal the draft under view into a snapshot; returns the snapshot's name."""
+        if view.kind == "snapshot" and view.immutable:
+            draft = self.graph.snapshot_draft(view.key, create=True)
+        else:
+            draft = self.graph.vertices[view.draft_id()]
+        await self.flush_dirty(view)
+        # No await from here to the end of graph.commit: the seal is atomic.
+        for _, node in [item for item in self._dirty.values() if item[0] is view]:
+            if node.buffers:  # written during the flush: store it too (rare)
+                await view.flush_data(node)
+        view.flush_inodes()
+        snap = self.graph.commit(draft.id, label)
+        self.cat.commit()
+        await trio.to_thread.run_sync(self.repo.packs.sync)
+        await trio.to_thread.run_sync(self.cat.sync_wal)
+        if view.kind == "snapshot":
+            view.reset()
+            self.on_view_changed(view)
+        log.info("committed %s (delta %d chunks)", snap.name, snap.delta)
+        return snap.name
+
+    def stats(self) -> dict:
+        return graph_stats.compute(self.graph, self.chunk_size, self.repo.paths.packs)
+
+    def find_view(self, kind: str, name: str) -> View:
+        if kind == "volume":
+            return self.volume_view(name)
+        if kind == "snapshot":
+            return self.snapshot_view(name)
+        raise NotFound(f"unknown view kind {kind}")

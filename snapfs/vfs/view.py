@@ -1,0 +1,632 @@
+"""POSIX semantics of one directory tree (one vertex), testable without the kernel.
+
+A View shows one vertex: a volume shows its draft (whose parent is the volume's head),
+.snapshots/S shows S, or S's draft once something was written there. Every item (inode,
+directory entry, block, xattr) is a row tagged with the vertex that wrote it; the version
+a view sees is the row of its nearest ancestor-or-self (largest depth in the chain).
+Writes always go to the draft, so a committed snapshot is never modified.
+
+Inodes a view has touched stay in memory (self.inodes) with their directory listings,
+resolved block maps and dirty data buffers; attribute changes on hot paths (write) are
+written to the catalog by flush_inodes(), which the filesystem calls before every group
+commit, commit or fsync.
+
+Errors are FsError(errno) with the errno a local filesystem gives.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from snapfs.errors import FsError
+
+if TYPE_CHECKING:
+    from snapfs.vfs.fs import Filesystem
+
+NAME_MAX = 255
+WINDOW = 1024  # blocks resolved per catalog query
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+
+@dataclass(slots=True)
+class DirtyChunk:
+    """A chunk being written in memory; gen changes on every write into it."""
+
+    data: bytearray
+    gen: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Inode:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    target: bytes | None = None
+    dirty: bool = False
+    opens: int = 0
+    entries: dict[bytes, int] | None = None  # directory listing, loaded on demand
+    blocks: dict[int, int] = field(default_factory=dict)  # idx -> chunk (0 = hole)
+    windows: set[int] = field(default_factory=set)
+    buffers: dict[int, DirtyChunk] = field(default_factory=dict)
+    xattrs: dict[bytes, bytes] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    def row(self) -> tuple:
+        return (self.mode, self.nlink, self.uid, self.gid, self.size, self.atime_ns,
+                self.mtime_ns, self.ctime_ns, self.rdev, self.target)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL)
+
+
+class View:
+    """One vertex's tree. kind is 'volume' (key: volume name) or 'snapshot' (key: id)."""
+
+    def __init__(self, fs: Filesystem, kind: str, key: str | int) -> None:
+        self.fs = fs
+        self.graph = fs.graph
+        self.cat = fs.cat
+        self.kind = kind
+        self.key = key
+        self.inodes: dict[int, Inode] = {}
+        self.chunk_size = fs.chunk_size
+        self.dropped = False
+
+    # -- which vertex ------------------------------------------------------------------------
+    @property
+    def vertex_id(self) -> int:
+        """The vertex whose contents are shown."""
+        if self.kind == "volume":
+            return self.graph.volumes[self.key]
+        draft = self.graph.snapshot_drafts.get(self.key)
+        return self.key if draft is None else draft
+
+    @property
+    def immutable(self) -> bool:
+        """True while the view shows a committed snapshot with no draft on top."""
+        return self.kind == "snapshot" and self.key not in self.graph.snapshot_drafts
+
+    def draft_id(self) -> int:
+        """The draft that takes writes, created for a snapshot view on the first write."""
+        if self.kind == "volume":
+            return self.graph.volumes[self.key]
+        return self.graph.snapshot_draft(self.key, create=True).id
+
+    def name(self) -> str:
+        if self.kind == "volume":
+            return self.key
+        return self.graph.vertices[self.key].name
+
+    def reset(self) -> None:
+        """Forget every cached item: the shown vertex changed outside the kernel."""
+        self.inodes = {ino: i for ino, i in self.inodes.items() if i.opens and i.nlink == 0}
+
+    def _pick(self, rows):
+        """From (vertex, ...) rows, the one of the nearest ancestor-or-self, or None."""
+        chain = self.graph.chain(self.vertex_id)
+        best, best_depth = None, -1
+        for row in rows:
+            depth = chain.get(row[0], -1)
+            if depth > best_depth:
+                best, best_depth = row, depth
+        return best
+
+    # -- inodes ----------------------------------------------------------------------------
+    def get(self, ino: int) -> Inode:
+        node = self.inodes.get(ino)
+        if node is not None:
+            return node
+        row = self._pick(self.cat.execute(
+            "SELECT vertex, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, "
+            "target FROM inodes WHERE ino=?", (ino,)))
+        if row is None or row[1] == 0:
+            raise FsError(errno.ENOENT)
+        node = Inode(ino, *row[1:])
+        self.inodes[ino] = node
+        return node
+
+    def _save(self, node: Inode) -> None:
+        self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (node.ino, self.draft_id(), *node.row()))
+        node.dirty = False
+
+    def _touch(self, node: Inode, *, mtime: bool = True, now: int | None = None) -> None:
+        now = now or time.time_ns()
+        node.ctime_ns = now
+        if mtime:
+            node.mtime_ns = now
+
+    def flush_inodes(self) -> None:
+        """Write every attribute change kept in memory into the draft's rows."""
+        for node in self.inodes.values():
+            if node.dirty:
+                self._save(node)
+
+    def _new_inode(self, mode: int, uid: int, gid: int, parent: Inode, *,
+                   target: bytes | None = None, rdev: int = 0) -> Inode:
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        now = time.time_ns()
+        size = len(target) if target is not None else 0
+        node = Inode(self.graph.alloc_ino(), mode, 2 if stat.S_ISDIR(mode) else 1, uid, gid,
+                     size, now, now, now, rdev, target)
+        if node.is_dir:
+            node.entries = {}
+        self.inodes[node.ino] = node
+        self._save(node)
+        return node
+
+    # -- directories -------------------------------------------------------------------------
+    def entries(self, dir_node: Inode) -> dict[bytes, int]:
+        if not dir_node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if dir_node.entries is None:
+            best: dict[bytes, tuple[int, int]] = {}
+            chain = self.graph.chain(self.vertex_id)
+            for vertex, name, ino in self.cat.execute(
+                    "SELECT vertex, name, ino FROM dirents WHERE parent=?", (dir_node.ino,)):
+                depth = chain.get(vertex, -1)
+                if depth >= 0 and depth > best.get(name, (-1, 0))[0]:
+                    best[name] = (depth, ino)
+            dir_node.entries = {name: ino for name, (_, ino) in best.items() if ino}
+        return dir_node.entries
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        ino = self.entries(self.get(parent)).get(name)
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self.get(ino)
+
+    def _set_entry(self, dir_node: Inode, name: bytes, ino: int) -> None:
+        self.entries(dir_node)[name] = ino
+        self.cat.write("INSERT OR REPLACE INTO dirents VALUES (?,?,?,?)",
+                       (dir_node.ino, name, self.draft_id(), ino))
+
+    def _del_entry(self, dir_node: Inode, name: bytes) -> None:
+        del self.entries(dir_node)[name]
+        draft = self.draft_id()
+        inherited = self.graph.vertices[draft].parent is not None and self._pick(
+            row for row in self.cat.execute(
+                "SELECT vertex, ino FROM dirents WHERE parent=? AND name=?",
+                (dir_node.ino, name)) if row[0] != draft)
+        if inherited and inherited[1]:
+            self.cat.write("INSERT OR REPLACE INTO dirents VALUES (?,?,?,0)",
+                           (dir_node.ino, name, draft))
+        else:
+            self.cat.write("DELETE FROM dirents WHERE parent=? AND name=? AND vertex=?",
+                           (dir_node.ino, name, draft))
+
+    def listdir(self, ino: int) -> list[tuple[bytes, int]]:
+        return sorted(self.entries(self.get(ino)).items())
+
+    def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, **kw) -> Inode:
+        _check_name(name)
+        dir_node = self.get(parent)
+        entries = self.entries(dir_node)
+        if dir_node.nlink == 0:
+            raise FsError(errno.ENOENT)
+        if name in entries:
+            raise FsError(errno.EEXIST)
+        node = self._new_inode(mode, uid, gid, dir_node, **kw)
+        self._set_entry(dir_node, name, node.ino)
+        if node.is_dir:
+            dir_node.nlink += 1
+        self._touch(dir_node)
+        self._save(dir_node)
+        return node
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        return self._create(parent, name, mode, uid, gid, rdev=rdev)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        if len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG)
+        return self._create(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        node = self.get(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise FsError(errno.EINVAL)
+        return node.target or b""
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        _check_name(name)
+        node = self.get(ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        dir_node = self.get(parent)
+        if name in self.entries(dir_node):
+            raise FsError(errno.EEXIST)
+        if node.nlink == 0:
+            raise FsError(errno.ENOENT)
+        self._set_entry(dir_node, name, ino)
+        node.nlink += 1
+        self._touch(node, mtime=False)
+        self._save(node)
+        self._touch(dir_node)
+        self._save(dir_node)
+        return node
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        dir_node = self.get(parent)
+        node = self.lookup(parent, name)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        self._del_entry(dir_node, name)
+        self._touch(dir_node)
+        self._save(dir_node)
+        self._drop_link(node)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        dir_node = self.get(parent)
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        node = self.lookup(parent, name)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if self.entries(node):
+            raise FsError(errno.ENOTEMPTY)
+        self._del_entry(dir_node, name)
+        dir_node.nlink -= 1
+        self._touch(dir_node)
+        self._save(dir_node)
+        node.nlink = 0
+        self._maybe_delete(node)
+
+    def _drop_link(self, node: Inode) -> None:
+        node.nlink -= 1
+        self._touch(node, mtime=False)
+        self._save(node)
+        self._maybe_delete(node)
+
+    def _maybe_delete(self, node: Inode) -> None:
+        """An inode with no names and no open handles is gone: release its data."""
+        if node.nlink > 0 or node.opens > 0:
+            return
+        if stat.S_ISREG(node.mode):
+            self._truncate_blocks(node, 0)
+        draft = self.draft_id()
+        for table in ("blocks", "xattrs"):
+            self.cat.write(f"DELETE FROM {table} WHERE ino=? AND vertex=?", (node.ino, draft))
+        self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,0,0,0,0,0,0,0,0,0,NULL)",
+                       (node.ino, draft))
+        node.dirty = False
+        node.buffers.clear()
+        node.blocks.clear()
+        node.windows.clear()
+        self.inodes.pop(node.ino, None)
+
+    def forget(self, ino: int) -> None:
+        """The kernel forgot ino: drop it from memory unless it has unsaved state."""
+        node = self.inodes.get(ino)
+        if node is not None and not node.dirty and not node.buffers and not node.opens:
+            self.inodes.pop(ino, None)
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        _check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+                RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FsError(errno.EINVAL)
+        src_dir, dst_dir = self.get(old_parent), self.get(new_parent)
+        node = self.lookup(old_parent, old_name)
+        dst_entries = self.entries(dst_dir)
+        existing_ino = dst_entries.get(new_name)
+        if existing_ino == node.ino:
+            return  # same inode: POSIX says do nothing
+        # Moving a directory into its own subtree (EINVAL) is refused by the kernel, which
+        # knows the dentry ancestry, before the request reaches us.
+        if flags & RENAME_EXCHANGE:
+            if existing_ino is None:
+                raise FsError(errno.ENOENT)
+            other = self.get(existing_ino)
+            self._set_entry(src_dir, old_name, other.ino)
+            self._set_entry(dst_dir, new_name, node.ino)
+            if node.is_dir != other.is_dir and old_parent != new_parent:
+                delta = 1 if node.is_dir else -1
+                dst_dir.nlink += delta
+                src_dir.nlink -= delta
+            now = time.time_ns()
+            for n in (node, other):
+                self._touch(n, mtime=False, now=now)
+                self._save(n)
+            self._touch_dirs(src_dir, dst_dir, now)
+            return
+        if existing_ino is not None:
+            if flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            existing = self.get(existing_ino)
+            if node.is_dir and not existing.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if existing.is_dir and not node.is_dir:
+                raise FsError(errno.EISDIR)
+            if existing.is_dir and self.entries(existing):
+                raise FsError(errno.ENOTEMPTY)
+        self._del_entry(src_dir, old_name)
+        self._set_entry(dst_dir, new_name, node.ino)
+        now = time.time_ns()
+        if node.is_dir and old_parent != new_parent:
+            src_dir.nlink -= 1
+            dst_dir.nlink += 1
+        if existing_ino is not None:
+            existing = self.get(existing_ino)
+            if existing.is_dir:
+                dst_dir.nlink -= 1
+                existing.nlink = 0
+                self._maybe_delete(existing)
+            else:
+                self._drop_link(existing)
+        self._touch(node, mtime=False, now=now)
+        self._save(node)
+        self._touch_dirs(src_dir, dst_dir, now)
+
+    def _touch_dirs(self, a: Inode, b: Inode, now: int) -> None:
+        for d in {a.ino: a, b.ino: b}.values():
+            self._touch(d, now=now)
+            self._save(d)
+
+    # -- attributes ---------------------------------------------------------------------------
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, ctime_ns: int | None = None) -> Inode:
+        node = self.get(ino)
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if not stat.S_ISREG(node.mode):
+                raise FsError(errno.EINVAL)
+            await self.truncate(node, size)
+        if mode is not None:
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+        if uid is not None and uid != -1 and uid != 0xFFFFFFFF:
+            node.uid = uid
+        if gid is not None and gid != -1 and gid != 0xFFFFFFFF:
+            node.gid = gid
+        if atime_ns is not None:
+            node.atime_ns = atime_ns
+        if mtime_ns is not None:
+            node.mtime_ns = mtime_ns
+        node.ctime_ns = ctime_ns if ctime_ns is not None else time.time_ns()
+        self._save(node)
+        return node
+
+    # -- extended attributes ----------------------------------------------------------------
+    def _xattrs(self, node: Inode) -> dict[bytes, bytes]:
+        if node.xattrs is None:
+            chain = self.graph.chain(self.vertex_id)
+            best: dict[bytes, tuple[int, bytes | None]] = {}
+            for vertex, name, value in self.cat.execute(
+                    "SELECT vertex, name, value FROM xattrs WHERE ino=?", (node.ino,)):
+                depth = chain.get(vertex, -1)
+                if depth >= 0 and depth > best.get(name, (-1, None))[0]:
+                    best[name] = (depth, value)
+            node.xattrs = {n: v for n, (_, v) in best.items() if v is not None}
+        return node.xattrs
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = self._xattrs(self.get(ino)).get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return sorted(self._xattrs(self.get(ino)))
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if not name or len(name) > 255:
+            raise FsError(errno.ERANGE)
+        if len(value) > 65536:
+            raise FsError(errno.E2BIG)
+        node = self.get(ino)
+        attrs = self._xattrs(node)
+        if flags & XATTR_CREATE and name in attrs:
+            raise FsError(errno.EEXIST)
+        if flags & XATTR_REPLACE and name not in attrs:
+            raise FsError(errno.ENODATA)
+        attrs[name] = bytes(value)
+        self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
+                       (ino, name, self.draft_id(), bytes(value)))
+        self._touch(node, mtime=False)
+        self._save(node)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        node = self.get(ino)
+        attrs = self._xattrs(node)
+        if name not in attrs:
+            raise FsError(errno.ENODATA)
+        del attrs[name]
+        self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,NULL)",
+                       (ino, name, self.draft_id()))
+        self._touch(node, mtime=False)
+        self._save(node)
+
+    # -- file data ----------------------------------------------------------------------------
+    def block(self, node: Inode, idx: int) -> int:
+        """The chunk id at block idx (0 = hole), resolving a window of blocks at once."""
+        chunk = node.blocks.get(idx)
+        if chunk is not None:
+            return chunk
+        window = idx // WINDOW
+        if window not in node.windows:
+            self._load_window(node, window)
+        return node.blocks.get(idx, 0)
+
+    def _load_window(self, node: Inode, window: int) -> None:
+        chain = self.graph.chain(self.vertex_id)
+        best: dict[int, tuple[int, int]] = {}
+        for idx, vertex, chunk in self.cat.execute(
+                "SELECT idx, vertex, chunk FROM blocks WHERE ino=? AND idx>=? AND idx<?",
+                (node.ino, window * WINDOW, (window + 1) * WINDOW)):
+            depth = chain.get(vertex, -1)
+            if depth >= 0 and depth > best.get(idx, (-1, 0))[0]:
+                best[idx] = (depth, chunk)
+        for idx, (_, chunk) in best.items():
+            node.blocks.setdefault(idx, chunk)
+        node.windows.add(window)
+
+    def set_block(self, node: Inode, idx: int, chunk: int) -> None:
+        """Point block idx of node at chunk in the draft, keeping reference counts exact."""
+        old = self.block(node, idx)
+        if old == chunk:
+            return
+        draft = self.draft_id()
+        node.blocks[idx] = chunk
+        self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
+                       (node.ino, idx, draft, chunk))
+        changes: dict[int, int] = {}
+        if old:
+            changes[old] = -1
+        if chunk:
+            changes[chunk] = changes.get(chunk, 0) + 1
+        self.graph.adjust_refs(draft, changes)
+
+    def _nblocks(self, size: int) -> int:
+        return (size + self.chunk_size - 1) // self.chunk_size
+
+    def _truncate_blocks(self, node: Inode, size: int) -> None:
+        """Drop every block wholly past size (reference counts follow)."""
+        first = self._nblocks(size)
+        last = self._nblocks(node.size)
+        for idx in [i for i in node.buffers if i >= first]:
+            del node.buffers[idx]
+        if last <= first:
+            return
+        for window in range(first // WINDOW, (last - 1) // WINDOW + 1):
+            if window not in node.windows:
+                self._load_window(node, window)
+        for idx in sorted(i for i, c in node.blocks.items() if i >= first and c):
+            self.set_block(node, idx, 0)
+
+    async def truncate(self, node: Inode, size: int) -> None:
+        if size < 0:
+            raise FsError(errno.EINVAL)
+        if size >= self.fs.max_file_size:
+            raise FsError(errno.EFBIG)
+        if size < node.size:
+            self._truncate_blocks(node, size)
+            tail = size % self.chunk_size
+            if tail:
+                buf = await self.buffer(node, size // self.chunk_size)
+                buf.data[tail:] = bytes(self.chunk_size - tail)
+                buf.gen += 1
+        node.size = size
+        self._touch(node)
+        node.dirty = True
+
+    async def buffer(self, node: Inode, idx: int, *, whole: bool = False) -> DirtyChunk:
+        """The dirty buffer for block idx, loaded from its chunk unless whole is True."""
+        buf = node.buffers.get(idx)
+        if buf is not None:
+            return buf
+        chunk = self.block(node, idx)
+        if chunk and not whole:
+            data = await self.fs.chunks.get(chunk)
+            buf = node.buffers.get(idx)  # another writer may have made it meanwhile
+            if buf is not None:
+                return buf
+            content = bytearray(data)
+            content.extend(bytes(self.chunk_size - len(content)))
+        else:
+            content = bytearray(self.chunk_size)
+        buf = node.buffers[idx] = DirtyChunk(content)
+        self.fs.note_dirty(self, node, idx)
+        return buf
+
+    async def read(self, node: Inode, offset: int, size: int) -> bytes:
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        parts = []
+        pos = offset
+        while pos < end:
+            idx, start = divmod(pos, cs)
+            stop = min(cs, end - idx * cs)
+            buf = node.buffers.get(idx)
+            if buf is not None:
+                parts.append(bytes(buf.data[start:stop]))
+            else:
+                chunk = self.block(node, idx)
+                data = await self.fs.chunks.get(chunk) if chunk else b""
+                piece = data[start:stop]
+                if len(piece) < stop - start:
+                    piece += bytes(stop - start - len(piece))
+                parts.append(piece)
+            pos = idx * cs + stop
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def write(self, node: Inode, offset: int, data: bytes) -> int:
+        if offset + len(data) > self.fs.max_file_size:
+            raise FsError(errno.EFBIG)
+        cs = self.chunk_size
+        view = memoryview(data)
+        pos, end = offset, offset + len(data)
+        while pos < end:
+            idx, start = divmod(pos, cs)
+            stop = min(cs, end - idx * cs)
+            whole = start == 0 and (stop == cs or idx * cs >= node.size)
+            buf = await self.buffer(node, idx, whole=whole)
+            buf.data[start:stop] = view[pos - offset: pos - offset + stop - start]
+            buf.gen += 1
+            pos = idx * cs + stop
+        if end > node.size:
+            node.size = end
+        now = time.time_ns()
+        node.mtime_ns = node.ctime_ns = now
+        node.dirty = True
+        self.fs.note_written(len(data))
+        return len(data)
+
+    async def flush_block(self, node: Inode, idx: int) -> None:
+        """Store one dirty buffer as a chunk (deduplicated) and point the block at it."""
+        buf = node.buffers.get(idx)
+        if buf is None:
+            return
+        gen = buf.gen
+        valid = min(self.chunk_size, max(0, node.size - idx * self.chunk_size))
+        payload = bytes(buf.data[:valid]).rstrip(b"\0")
+        chunk = await self.fs.chunks.put(payload) if payload else 0
+        if node.buffers.get(idx) is not buf:
+            return  # truncated away or deleted while we stored it
+        if node.nlink == 0 and node.opens == 0 and node.ino not in self.inodes:
+            return
+        self.set_block(node, idx, chunk)
+        if buf.gen == gen:
+            del node.buffers[idx]
+
+    async def flush_data(self, node: Inode) -> None:
+        for _ in range(8):
+            if not node.buffers:
+                return
+            for idx in sorted(node.buffers):
+                await self.flush_block(node, idx)
