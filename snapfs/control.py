@@ -59,6 +59,7 @@ async def handle(fs: Filesystem, req: dict) -> dict:
             "name": v.name, "id": v.id, "parent": g.vertices[v.parent].name if v.parent else None,
             "created": v.created, "delta": v.delta, "referenced": v.referenced} for v in snaps]}
     if op == "stats":
+        await fs.flush_dirty()
         result = fs.stats()
         if req.get("reclaim"):
             result["reclaim"] = reclaim(fs, req["reclaim"])

@@ -63,9 +63,9 @@ def find_target(path: str) -> Target:
         return Target(real, None, None)
     best = None
     for mnt, repo in snapfs_mounts():
-        if real == mnt or real.startswith(mnt.rstrip("/") + "/"):
-            if best is None or len(mnt) > len(best[0]):
-                best = (mnt, repo)
+        inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+        if inside and (best is None or len(mnt) > len(best[0])):
+            best = (mnt, repo)
     if best:
         return Target(best[1], best[0], os.path.relpath(real, best[0]))
     raise NotARepository(

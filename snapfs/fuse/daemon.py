@@ -59,7 +59,7 @@ def mount(repo_path: str, mnt: str, *, foreground: bool, allow_other: bool,
         if msg.startswith("ready"):
             return 0
         os.waitpid(pid, 0)
-        raise SnapfsError(msg.strip() or "the snapfs daemon died while mounting; see REPO/snapfs.log")
+        raise SnapfsError(msg.strip() or "the daemon died while mounting; see REPO/snapfs.log")
     # the daemon
     os.close(rfd)
     os.setsid()

@@ -369,6 +369,7 @@ class SnapfsOperations(pyfuse3.Operations):
         if inode == STATS_INO:
             if flags & (os.O_WRONLY | os.O_RDWR):
                 raise FsError(errno.EROFS)
+            await self.fs.flush_dirty()  # figures count every write made before the read
             data = (json.dumps(self.fs.stats(), indent=2) + "\n").encode()
             return pyfuse3.FileInfo(fh=self._new_fh(Handle(None, None, data)), direct_io=True)
         if inode < FIRST_DYNAMIC:

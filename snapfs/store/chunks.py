@@ -102,6 +102,63 @@ class ChunkManager:
             del self._pending[digest]
             event.set()
 
+    def _identities(self, payloads: list[bytes]) -> list[bytes]:
+        return [self.identity(p) for p in payloads]
+
+    async def identities(self, payloads: list[bytes]) -> list[bytes]:
+        """Hash a batch in worker threads: one hop per half, both cores busy."""
+        if len(payloads) < 4:
+            return await trio.to_thread.run_sync(self._identities, payloads)
+        half = len(payloads) // 2
+        results: list[list[bytes]] = [[], []]
+
+        async def run(i: int, part: list[bytes]) -> None:
+            results[i] = await trio.to_thread.run_sync(self._identities, part)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, 0, payloads[:half])
+            nursery.start_soon(run, 1, payloads[half:])
+        return results[0] + results[1]
+
+    async def put_many(self, payloads: list[bytes]) -> list[int]:
+        """Store a batch of payloads; one thread hop for hashing, one for the pack write."""
+        digests = await self.identities(payloads)
+        ids: list[int | None] = [None] * len(payloads)
+        new: list[tuple[int, int, bytes, bytes]] = []  # (position, chunk id, digest, payload)
+        waits: list[int] = []
+        for i, digest in enumerate(digests):
+            row = self.cat.execute("SELECT id, pack FROM chunks WHERE hash=?", (digest,)).fetchone()
+            if row is not None and row[1] >= 0:
+                ids[i] = row[0]
+            elif digest in self._pending or row is not None:
+                waits.append(i)
+            else:
+                cid = self.cat.write(
+                    "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
+                    (digest, len(payloads[i]))).lastrowid
+                self._pending[digest] = trio.Event()
+                new.append((i, cid, digest, payloads[i]))
+        try:
+            if new:
+                locs = await trio.to_thread.run_sync(
+                    self.packs.append_many, [(cid, p) for _, cid, _, p in new])
+                for (i, cid, _digest, payload), loc in zip(new, locs, strict=True):
+                    self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
+                                   (loc.pack, loc.offset, loc.length, cid))
+                    self.cache.put(cid, payload)
+                    ids[i] = cid
+        except BaseException:
+            for i, cid, _digest, _payload in new:
+                if ids[i] is None:
+                    self.cat.write("DELETE FROM chunks WHERE id=? AND pack<0", (cid,))
+            raise
+        finally:
+            for _, _, digest, _ in new:
+                self._pending.pop(digest).set()
+        for i in waits:
+            ids[i] = await self.put_hashed(digests[i], payloads[i])
+        return ids  # type: ignore[return-value]
+
     def put_sync(self, payload: bytes) -> int:
         """put() for single-threaded callers without trio (tests, import, CLI)."""
         digest = self.identity(payload)

@@ -106,6 +106,40 @@ class PackStore:
             self._unsynced = True
             return ChunkLocation(self._write_id, offset, len(record))
 
+    def append_many(self, items: list[tuple[int, bytes]]) -> list[ChunkLocation]:
+        """Append several (chunk id, payload) records with as few writes as possible."""
+        records = []
+        for chunk_id, payload in items:
+            header = RECORD_HEADER.pack(RECORD_MAGIC, 0, 0, len(payload), len(payload), chunk_id)
+            check = xxhash.xxh3_64(header)
+            check.update(payload)
+            records.append(b"".join((header, CHECK.pack(check.intdigest()), payload)))
+        locs = []
+        with self._lock:
+            batch: list[bytes] = []
+            start = 0
+            for record in records:
+                if self._write_fd < 0 or self._write_end + len(record) > self.pack_limit:
+                    self._write_batch(batch, start)
+                    batch = []
+                    self._open_new_pack()
+                if not batch:
+                    start = self._write_end
+                locs.append(ChunkLocation(self._write_id, self._write_end, len(record)))
+                batch.append(record)
+                self._write_end += len(record)
+            self._write_batch(batch, start)
+            self._unsynced = True
+        return locs
+
+    def _write_batch(self, batch: list[bytes], offset: int) -> None:
+        if not batch:
+            return
+        total = sum(len(r) for r in batch)
+        written = os.pwritev(self._write_fd, batch, offset)
+        if written != total:
+            raise OSError(28, "short write to pack file (disk full?)")
+
     def sync(self) -> None:
         """Make every appended record durable (fdatasync of the current pack)."""
         with self._lock:

@@ -607,26 +607,30 @@ class View:
         self.fs.note_written(len(data))
         return len(data)
 
-    async def flush_block(self, node: Inode, idx: int) -> None:
-        """Store one dirty buffer as a chunk (deduplicated) and point the block at it."""
-        buf = node.buffers.get(idx)
-        if buf is None:
-            return
-        gen = buf.gen
-        valid = min(self.chunk_size, max(0, node.size - idx * self.chunk_size))
-        payload = bytes(buf.data[:valid]).rstrip(b"\0")
-        chunk = await self.fs.chunks.put(payload) if payload else 0
-        if node.buffers.get(idx) is not buf:
-            return  # truncated away or deleted while we stored it
-        if node.nlink == 0 and node.opens == 0 and node.ino not in self.inodes:
-            return
-        self.set_block(node, idx, chunk)
-        if buf.gen == gen:
-            del node.buffers[idx]
+    async def flush_blocks(self, node: Inode, idxs: list[int]) -> None:
+        """Store dirty buffers as chunks (deduplicated) and point the blocks at them."""
+        cs = self.chunk_size
+        work = []
+        for idx in idxs:
+            buf = node.buffers.get(idx)
+            if buf is None:
+                continue
+            valid = min(cs, max(0, node.size - idx * cs))
+            work.append((idx, buf, buf.gen, bytes(buf.data[:valid]).rstrip(b"\0")))
+        stored = [p for *_, p in work if p]
+        ids = iter(await self.fs.chunks.put_many(stored) if stored else [])
+        for idx, buf, gen, payload in work:
+            chunk = next(ids) if payload else 0
+            if node.buffers.get(idx) is not buf or node.ino not in self.inodes:
+                continue  # truncated away or deleted while we stored it
+            self.set_block(node, idx, chunk)
+            if buf.gen == gen:
+                del node.buffers[idx]
 
-    async def flush_data(self, node: Inode) -> None:
+    async def flush_data(self, node: Inode, batch: int = 64) -> None:
         for _ in range(8):
             if not node.buffers:
                 return
-            for idx in sorted(node.buffers):
-                await self.flush_block(node, idx)
+            idxs = sorted(node.buffers)
+            for i in range(0, len(idxs), batch):
+                await self.flush_blocks(node, idxs[i:i + batch])
