@@ -164,9 +164,8 @@ class SnapfsOperations(pyfuse3.Operations):
     def _blocks(self, view: View, node: Inode) -> int:
         if not stat.S_ISREG(node.mode):
             return (node.size + 511) // 512
-        n = (node.size + view.chunk_size - 1) // view.chunk_size
-        used = sum(1 for i in range(n) if i in node.buffers or view.block(node, i))
-        return used * (view.chunk_size // 512) if n < 1 << 16 else (node.size + 511) // 512
+        used = view.allocated_blocks(node) * view.chunk_size
+        return min(used, (node.size + 4095) // 4096 * 4096) // 512
 
     def _virtual_attrs(self, fino: int) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()

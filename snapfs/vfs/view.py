@@ -63,6 +63,7 @@ class Inode:
     windows: set[int] = field(default_factory=set)
     buffers: dict[int, DirtyChunk] = field(default_factory=dict)
     xattrs: dict[bytes, bytes] | None = None
+    allocated: int | None = None  # cached count of stored or dirty blocks (st_blocks)
 
     @property
     def is_dir(self) -> bool:
@@ -91,7 +92,7 @@ class View:
         self.key = key
         self.inodes: dict[int, Inode] = {}
         self.chunk_size = fs.chunk_size
-        self.dropped = False
+        self.dirty_inodes: set[int] = set()  # inodes whose attributes are not saved yet
 
     # -- which vertex ------------------------------------------------------------------------
     @property
@@ -121,6 +122,7 @@ class View:
     def reset(self) -> None:
         """Forget every cached item: the shown vertex changed outside the kernel."""
         self.inodes = {ino: i for ino, i in self.inodes.items() if i.opens and i.nlink == 0}
+        self.dirty_inodes &= set(self.inodes)
 
     def _pick(self, rows):
         """From (vertex, ...) rows, the one of the nearest ancestor-or-self, or None."""
@@ -157,10 +159,16 @@ class View:
         if mtime:
             node.mtime_ns = now
 
+    def _mark_dirty(self, node: Inode) -> None:
+        node.dirty = True
+        self.dirty_inodes.add(node.ino)
+
     def flush_inodes(self) -> None:
         """Write every attribute change kept in memory into the draft's rows."""
-        for node in self.inodes.values():
-            if node.dirty:
+        dirty, self.dirty_inodes = self.dirty_inodes, set()
+        for ino in dirty:
+            node = self.inodes.get(ino)
+            if node is not None and node.dirty:
                 self._save(node)
 
     def _new_inode(self, mode: int, uid: int, gid: int, parent: Inode, *,
@@ -222,7 +230,25 @@ class View:
                            (dir_node.ino, name, draft))
 
     def listdir(self, ino: int) -> list[tuple[bytes, int]]:
-        return sorted(self.entries(self.get(ino)).items())
+        entries = self.entries(self.get(ino))
+        if sum(1 for child in entries.values() if child not in self.inodes) > 32:
+            self._preload_children(ino)
+        return sorted(entries.items())
+
+    def _preload_children(self, dir_ino: int) -> None:
+        """Resolve the inodes of a whole directory with one query (for readdirplus)."""
+        chain = self.graph.chain(self.vertex_id)
+        best: dict[int, tuple] = {}
+        for row in self.cat.execute(
+                "SELECT i.vertex, i.ino, i.mode, i.nlink, i.uid, i.gid, i.size, i.atime_ns, "
+                "i.mtime_ns, i.ctime_ns, i.rdev, i.target FROM inodes i WHERE i.ino IN "
+                "(SELECT DISTINCT ino FROM dirents WHERE parent=?)", (dir_ino,)):
+            depth = chain.get(row[0], -1)
+            if depth >= 0 and depth > best.get(row[1], (-1,))[0]:
+                best[row[1]] = (depth, *row[1:])
+        for ino, (_, *fields) in best.items():
+            if ino not in self.inodes and fields[1] != 0:
+                self.inodes[ino] = Inode(*fields)
 
     def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, **kw) -> Inode:
         _check_name(name)
@@ -501,6 +527,7 @@ class View:
             return
         draft = self.draft_id()
         node.blocks[idx] = chunk
+        node.allocated = None
         self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
                        (node.ino, idx, draft, chunk))
         changes: dict[int, int] = {}
@@ -509,6 +536,13 @@ class View:
         if chunk:
             changes[chunk] = changes.get(chunk, 0) + 1
         self.graph.adjust_refs(draft, changes)
+
+    def allocated_blocks(self, node: Inode) -> int:
+        """Blocks that hold data (stored or dirty): what st_blocks reports."""
+        if node.allocated is None:
+            n = self._nblocks(node.size)
+            node.allocated = sum(1 for i in range(n) if i in node.buffers or self.block(node, i))
+        return node.allocated
 
     def _nblocks(self, size: int) -> int:
         return (size + self.chunk_size - 1) // self.chunk_size
@@ -519,6 +553,7 @@ class View:
         last = self._nblocks(node.size)
         for idx in [i for i in node.buffers if i >= first]:
             del node.buffers[idx]
+        node.allocated = None
         if last <= first:
             return
         for window in range(first // WINDOW, (last - 1) // WINDOW + 1):
@@ -541,7 +576,7 @@ class View:
                 buf.gen += 1
         node.size = size
         self._touch(node)
-        node.dirty = True
+        self._mark_dirty(node)
 
     async def buffer(self, node: Inode, idx: int, *, whole: bool = False) -> DirtyChunk:
         """The dirty buffer for block idx, loaded from its chunk unless whole is True."""
@@ -559,6 +594,7 @@ class View:
         else:
             content = bytearray(self.chunk_size)
         buf = node.buffers[idx] = DirtyChunk(content)
+        node.allocated = None
         self.fs.note_dirty(self, node, idx)
         return buf
 
@@ -603,7 +639,7 @@ class View:
             node.size = end
         now = time.time_ns()
         node.mtime_ns = node.ctime_ns = now
-        node.dirty = True
+        self._mark_dirty(node)
         self.fs.note_written(len(data))
         return len(data)
 
