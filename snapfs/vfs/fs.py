@@ -43,6 +43,8 @@ class Filesystem:
         self._sync_lock = trio.Lock()
         # Called with a View whose content changed without the kernel's knowledge.
         self.on_view_changed: Callable[[View], None] = lambda view: None
+        # Extra sections for the stats document, e.g. the daemon's event-loop figures.
+        self.extra_stats: dict[str, Callable[[], dict]] = {}
         if clean_orphans:
             self._clean_orphans()
 
@@ -176,7 +178,11 @@ class Filesystem:
         return snap.name
 
     def stats(self) -> dict:
-        return graph_stats.compute(self.graph, self.chunk_size, self.repo.paths.packs)
+        result = graph_stats.compute(self.graph, self.chunk_size, self.repo.paths.packs)
+        result["dirty_bytes"] = self.dirty_bytes()
+        for key, fn in self.extra_stats.items():
+            result[key] = fn()
+        return result
 
     def find_view(self, kind: str, name: str) -> View:
         if kind == "volume":
