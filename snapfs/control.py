@@ -66,6 +66,16 @@ async def handle(fs: Filesystem, req: dict) -> dict:
         return result
     if op == "diff":
         return diff(fs, req["a"], req["b"])
+    if op == "snapshot-delete":
+        await fs.delete_snapshot(req["name"], force=bool(req.get("force")))
+        return {"deleted": req["name"]}
+    if op == "volume-delete":
+        await fs.delete_volume(req["name"], force=bool(req.get("force")))
+        return {"deleted": req["name"]}
+    if op == "gc":
+        result = await fs.gc(min_dead_ratio=float(req.get("min_dead_ratio", 0.25)))
+        result.update(fs.collector.report())
+        return result
     if op == "sync":
         await fs.sync()
         return {}

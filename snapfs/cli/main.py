@@ -164,7 +164,8 @@ def cmd_volume(args) -> int:
             for v in res["volumes"]:
                 print(f"{v['name']:<24} head={v['head'] or '-'}")
     else:
-        raise UsageError("deleting volumes comes with the snapshot-graph release (issue 3)")
+        run_op(target, {"op": "volume-delete", "name": args.name, "force": args.force})
+        print(f"deleted volume {args.name}")
     return 0
 
 
@@ -205,7 +206,20 @@ def cmd_snapshot(args) -> int:
             for c in res["changes"]:
                 print(f"{marks[c['change']]} {c['path']}")
     else:
-        raise UsageError("deleting snapshots comes with the snapshot-graph release (issue 3)")
+        run_op(target, {"op": "snapshot-delete", "name": args.name, "force": args.force})
+        print(f"deleted snapshot {args.name}")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    target = find_target(args.C)
+    res = run_op(target, {"op": "gc", "min_dead_ratio": args.min_dead_ratio})
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"freed {res['freed_chunks']} chunks, removed {res['removed_packs']} packs; "
+              f"{_fmt_bytes(res['pack_bytes'])} in {res['packs']} packs, "
+              f"{_fmt_bytes(res['dead_bytes'])} dead")
     return 0
 
 
@@ -300,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--from", dest="source", metavar="SNAPSHOT", help="clone this snapshot")
     c = vs.add_parser("list", help="list volumes")
     c.add_argument("--json", action="store_true")
-    c = vs.add_parser("delete", help="delete a volume")
+    c = vs.add_parser("delete", help="delete a volume (its snapshots stay)")
     c.add_argument("name")
-    s.set_defaults(func=cmd_volume, source=None, json=False)
+    c.add_argument("--force", action="store_true", help="discard uncommitted changes")
+    s.set_defaults(func=cmd_volume, source=None, json=False, force=False)
 
     s = sub.add_parser("commit", help="commit the draft under DIR into a snapshot")
     s.add_argument("dir", nargs="?", help="a volume or .snapshots/NAME directory (default: .)")
@@ -314,19 +329,27 @@ def build_parser() -> argparse.ArgumentParser:
     ss = s.add_subparsers(dest="action", required=True)
     c = ss.add_parser("list", help="list snapshots")
     c.add_argument("--json", action="store_true")
-    c = ss.add_parser("delete", help="delete a snapshot")
+    c = ss.add_parser("delete", help="delete a snapshot; its children are re-parented")
     c.add_argument("name")
+    c.add_argument("--force", action="store_true",
+                   help="also discard uncommitted changes under .snapshots/NAME")
     c = ss.add_parser("diff", help="paths that differ between snapshots A and B")
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_snapshot, json=False)
+    s.set_defaults(func=cmd_snapshot, json=False, force=False)
 
     s = sub.add_parser("stats", help="accounting figures (the same as .snapfs/stats)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--reclaim", metavar="A..B|A,B,...",
                    help="what deleting these snapshots would free (deletes nothing)")
     s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("gc", help="free unreferenced chunks and compact pack files now")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--min-dead-ratio", type=float, default=0.25,
+                   help="compact packs with at least this share of dead bytes (default 0.25)")
+    s.set_defaults(func=cmd_gc)
 
     s = sub.add_parser("fsck", help="verify checksums, references and stored deltas")
     s.add_argument("repo")
@@ -347,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snapfs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `snapfs stats | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         print(f"snapfs: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1

@@ -131,7 +131,8 @@ class SnapfsOperations(pyfuse3.Operations):
     def _view_changed(self, view: View) -> None:
         """A snapshot directory shows other content now: drop the kernel's caches of it."""
         name = view.name().encode()
-        pyfuse3.invalidate_entry_async(SNAPSHOTS_INO, name, ignore_enoent=True)
+        parent = MNT_ROOT if view.kind == "volume" else SNAPSHOTS_INO
+        pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
         finos = [fino for fino, (v, _ino) in self._map.items() if v is view]
         # invalidate_inode blocks in the kernel: never call it from a handler's thread.
         threading.Thread(target=_invalidate_inodes, args=(finos,), daemon=True).start()
@@ -341,7 +342,16 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @handler
     async def rmdir(self, parent_inode, name, ctx):
-        if parent_inode in (MNT_ROOT, SNAPSHOTS_INO, SNAPFS_INO):
+        if parent_inode == SNAPSHOTS_INO:
+            # like rmdir .zfs/snapshot/NAME: deletes the snapshot
+            try:
+                text = name.decode()
+                self.fs.graph.snapshot(text)
+            except (UnicodeDecodeError, SnapfsError):
+                raise FsError(errno.ENOENT)
+            await self.fs.delete_snapshot(text)
+            return
+        if parent_inode in (MNT_ROOT, SNAPFS_INO):
             raise FsError(errno.EPERM)
         view, pnode = self._resolve_dir(parent_inode)
         view.rmdir(pnode.ino, name)

@@ -309,3 +309,35 @@ class Graph:
             v.referenced -= 1
         self.cat.write("UPDATE vertices SET delta=?, referenced=? WHERE id=?",
                        (v.delta, v.referenced, v.id))
+
+    # -- deleting ------------------------------------------------------------------------------
+    def draft_has_changes(self, draft_id: int) -> bool:
+        for table in ("inodes", "dirents", "xattrs", "blocks"):
+            if self.cat.execute(f"SELECT 1 FROM {table} WHERE vertex=? LIMIT 1",
+                                (draft_id,)).fetchone():
+                return True
+        return False
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete a snapshot anywhere in the graph; its children are re-parented.
+
+        The draft shown under .snapshots/NAME (if any) is deleted with it: the caller
+        refuses first when that draft holds changes (see Filesystem.delete_snapshot).
+        """
+        from snapfs.graph.delete import delete_vertex
+
+        v = self.snapshot(name)
+        draft = self.snapshot_drafts.pop(v.id, None)
+        if draft is not None:
+            self.cat.write("DELETE FROM snapshot_drafts WHERE snapshot=?", (v.id,))
+            delete_vertex(self, draft)
+        delete_vertex(self, v.id)
+
+    def delete_volume(self, name: str) -> None:
+        """Delete a volume and its draft; its snapshots stay (delete them one by one)."""
+        from snapfs.graph.delete import delete_vertex
+
+        draft = self.volume_draft(name)
+        del self.volumes[name]
+        self.cat.write("DELETE FROM volumes WHERE name=?", (name,))
+        delete_vertex(self, draft.id)

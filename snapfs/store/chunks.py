@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import trio
 
@@ -64,6 +64,7 @@ class ChunkManager:
         self.id_key = id_key
         self.cache = ChunkCache(cache_bytes)
         self._pending: dict[bytes, trio.Event] = {}
+        self.pinned: Counter[int] = Counter()
 
     def identity(self, payload: bytes) -> bytes:
         return hmac.digest(self.id_key, payload, "sha256")
@@ -130,6 +131,7 @@ class ChunkManager:
             row = self.cat.execute("SELECT id, pack FROM chunks WHERE hash=?", (digest,)).fetchone()
             if row is not None and row[1] >= 0:
                 ids[i] = row[0]
+                self.pinned[row[0]] += 1
             elif digest in self._pending or row is not None:
                 waits.append(i)
             else:
@@ -137,11 +139,12 @@ class ChunkManager:
                     "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
                     (digest, len(payloads[i]))).lastrowid
                 self._pending[digest] = trio.Event()
+                self.pinned[cid] += 1
                 new.append((i, cid, digest, payloads[i]))
         try:
             if new:
                 locs = await trio.to_thread.run_sync(
-                    self.packs.append_many, [(cid, p) for _, cid, _, p in new])
+                    self.packs.append_many, [(cid, p, len(p), 0) for _, cid, _, p in new])
                 for (i, cid, _digest, payload), loc in zip(new, locs, strict=True):
                     self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
                                    (loc.pack, loc.offset, loc.length, cid))
@@ -151,13 +154,27 @@ class ChunkManager:
             for i, cid, _digest, _payload in new:
                 if ids[i] is None:
                     self.cat.write("DELETE FROM chunks WHERE id=? AND pack<0", (cid,))
+            self.unpin([cid for cid in ids if cid is not None] + [n[1] for n in new
+                                                                   if ids[n[0]] is None])
             raise
         finally:
             for _, _, digest, _ in new:
                 self._pending.pop(digest).set()
         for i in waits:
-            ids[i] = await self.put_hashed(digests[i], payloads[i])
+            ids[i] = cid = await self.put_hashed(digests[i], payloads[i])
+            self.pinned[cid] += 1
         return ids  # type: ignore[return-value]
+
+    def pin(self, ids: list[int]) -> None:
+        """Keep chunks from the collector until the caller has referenced them."""
+        for cid in ids:
+            self.pinned[cid] += 1
+
+    def unpin(self, ids: list[int]) -> None:
+        for cid in ids:
+            self.pinned[cid] -= 1
+            if self.pinned[cid] <= 0:
+                del self.pinned[cid]
 
     def put_sync(self, payload: bytes) -> int:
         """put() for single-threaded callers without trio (tests, import, CLI)."""
@@ -194,6 +211,8 @@ class ChunkManager:
             try:
                 data = await trio.to_thread.run_sync(self._read_verified, cid, loc)
             except IntegrityError as e:
+                if self.location(cid) != loc:  # moved by the collector meanwhile: retry
+                    return await self.get(cid)
                 log.error("damaged data: %s", e)
                 raise
             self.cache.put(cid, data)

@@ -63,6 +63,7 @@ class PackStore:
         self._write_fd = -1
         self._write_end = 0
         self._unsynced = False
+        self._retired: list[int] = []
         os.makedirs(directory, exist_ok=True)
 
     # -- writing -------------------------------------------------------------------
@@ -106,11 +107,11 @@ class PackStore:
             self._unsynced = True
             return ChunkLocation(self._write_id, offset, len(record))
 
-    def append_many(self, items: list[tuple[int, bytes]]) -> list[ChunkLocation]:
-        """Append several (chunk id, payload) records with as few writes as possible."""
+    def append_many(self, items: list[tuple[int, bytes, int, int]]) -> list[ChunkLocation]:
+        """Append (chunk id, payload, plaintext length, flags) records with one pwritev."""
         records = []
-        for chunk_id, payload in items:
-            header = RECORD_HEADER.pack(RECORD_MAGIC, 0, 0, len(payload), len(payload), chunk_id)
+        for chunk_id, payload, raw_len, flags in items:
+            header = RECORD_HEADER.pack(RECORD_MAGIC, flags, 0, len(payload), raw_len, chunk_id)
             check = xxhash.xxh3_64(header)
             check.update(payload)
             records.append(b"".join((header, CHECK.pack(check.intdigest()), payload)))
@@ -168,6 +169,29 @@ class PackStore:
         data = os.pread(self._fd(loc.pack), loc.length, loc.offset)
         return verify_record(data, chunk_id, loc)
 
+    def read_record(self, chunk_id: int, loc: ChunkLocation) -> tuple[bytes, int, int]:
+        """Read and verify one record; returns (payload, plaintext length, flags)."""
+        data = os.pread(self._fd(loc.pack), loc.length, loc.offset)
+        payload, flags = verify_record(data, chunk_id, loc)
+        return payload, RECORD_HEADER.unpack_from(data)[4], flags
+
+    def remove_pack(self, pack_id: int) -> None:
+        """Delete a pack file (compaction moved everything live out of it).
+
+        Its cached read descriptor is retired, not closed: a reader thread may still be
+        in a pread on it. Retired descriptors are closed at the next removal.
+        """
+        if pack_id == self._write_id:
+            raise ValueError("cannot remove the pack being written")
+        for fd in self._retired:
+            os.close(fd)
+        self._retired = []
+        fd = self._read_fds.pop(pack_id, None)
+        if fd is not None:
+            self._retired.append(fd)
+        os.unlink(os.path.join(self.directory, pack_name(pack_id)))
+        _fsync_dir(self.directory)
+
     def pack_size(self, pack_id: int) -> int:
         return os.stat(os.path.join(self.directory, pack_name(pack_id))).st_size
 
@@ -178,9 +202,10 @@ class PackStore:
                     os.fdatasync(self._write_fd)
                 os.close(self._write_fd)
                 self._write_fd = -1
-        for fd in self._read_fds.values():
+        for fd in [*self._read_fds.values(), *self._retired]:
             os.close(fd)
         self._read_fds.clear()
+        self._retired = []
 
 
 def verify_record(data: bytes, chunk_id: int, loc: ChunkLocation) -> tuple[bytes, int]:

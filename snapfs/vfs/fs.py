@@ -16,9 +16,11 @@ from collections.abc import Callable
 
 import trio
 
-from snapfs.errors import FsError, NotFound
+from snapfs.errors import FsError, NotFound, Refused
+from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
+from snapfs.store.gc import Collector
 from snapfs.vfs.view import Inode, View
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class Filesystem:
         self.on_view_changed: Callable[[View], None] = lambda view: None
         # Extra sections for the stats document, e.g. the daemon's event-loop figures.
         self.extra_stats: dict[str, Callable[[], dict]] = {}
+        self.collector = Collector(self.cat, repo.packs, self.chunks)
+        self.gc_requested = False  # set after deletions: the next background pass collects
         if clean_orphans:
             self._clean_orphans()
 
@@ -142,17 +146,39 @@ class Filesystem:
         await trio.to_thread.run_sync(self.repo.packs.sync)
         self.cat.commit()
 
-    async def background(self, interval: float = 2.0, checkpoint_every: float = 30.0) -> None:
-        last_checkpoint = time.monotonic()
+    async def background(self, interval: float = 2.0, checkpoint_every: float = 30.0,
+                         gc_every: float = 60.0) -> None:
+        last_checkpoint = last_gc = time.monotonic()
         while True:
             await trio.sleep(interval)
             try:
                 await self.group_commit()
-                if time.monotonic() - last_checkpoint > checkpoint_every:
-                    last_checkpoint = time.monotonic()
+                now = time.monotonic()
+                if now - last_checkpoint > checkpoint_every:
+                    last_checkpoint = now
                     await trio.to_thread.run_sync(self.cat.checkpoint)
+                if self.gc_requested or now - last_gc > gc_every:
+                    last_gc = now
+                    self.gc_requested = False
+                    await self.gc()
             except Exception:
                 log.exception("background write-back failed; will retry")
+
+    def held_chunks(self):
+        return accounting.shared_chunks(self.graph.vertices.values())[0]
+
+    async def gc(self, compact: bool = True, min_dead_ratio: float = 0.25) -> dict:
+        """Free unheld chunks, then compact packs (throttled). Safe while mounted."""
+        await self.flush_dirty()
+        freed = self.collector.free(self.held_chunks())
+        self.cat.commit()
+        removed = await self.collector.compact(min_dead_ratio) if compact else 0
+        if freed or removed:
+            log.info("gc: freed %d chunks, removed %d packs", freed, removed)
+        return {"freed_chunks": freed, "removed_packs": removed}
+
+    def want_gc(self) -> None:
+        self.gc_requested = True
 
     # -- graph operations that touch views ------------------------------------------------------
     async def commit(self, view: View, label: str | None) -> str:
@@ -176,6 +202,66 @@ class Filesystem:
             self.on_view_changed(view)
         log.info("committed %s (delta %d chunks)", snap.name, snap.delta)
         return snap.name
+
+    # -- deleting ----------------------------------------------------------------------------
+    def _check_unused(self, view: View | None, what: str) -> None:
+        if view is None:
+            return
+        busy = [n for n in view.inodes.values() if n.opens]
+        if busy:
+            raise Refused(f"{what} has {len(busy)} open file(s): close them first", errno=16)
+
+    async def delete_snapshot(self, name: str, *, force: bool = False) -> None:
+        """Delete a snapshot (re-parenting its children) and collect what it freed."""
+        snap = self.graph.snapshot(name)
+        view = self.snapshot_views.get(snap.id)
+        self._check_unused(view, f"snapshot {name} (under .snapshots/{name})")
+        draft = self.graph.snapshot_drafts.get(snap.id)
+        if draft is not None and not force and (
+                self.graph.draft_has_changes(draft) or (view and self._view_dirty(view))):
+            raise Refused(f"snapshot {name} has uncommitted changes under .snapshots/{name}: "
+                          f"commit them (snapfs commit .snapshots/{name}) or delete with --force")
+        if view is not None:
+            self._discard(view)
+        self.graph.delete_snapshot(name)
+        self.cat.commit()
+        await trio.to_thread.run_sync(self.cat.sync_wal)
+        if view is not None:
+            del self.snapshot_views[snap.id]
+            self.on_view_changed(view)
+        log.info("deleted snapshot %s", name)
+        self.want_gc()
+
+    async def delete_volume(self, name: str, *, force: bool = False) -> None:
+        draft = self.graph.volume_draft(name)
+        view = self.volume_views.get(name)
+        self._check_unused(view, f"volume {name}")
+        if not force and (self.graph.draft_has_changes(draft.id) and draft.parent is not None
+                          or (view and self._view_dirty(view))):
+            raise Refused(f"volume {name} has uncommitted changes: commit them "
+                          f"(snapfs commit {name}) or delete with --force")
+        if view is not None:
+            self._discard(view)
+        self.graph.delete_volume(name)
+        self.cat.commit()
+        await trio.to_thread.run_sync(self.cat.sync_wal)
+        if view is not None:
+            del self.volume_views[name]
+            self.on_view_changed(view)
+        log.info("deleted volume %s", name)
+        self.want_gc()
+
+    def _view_dirty(self, view: View) -> bool:
+        return any(v is view and n.buffers for v, n in self._dirty.values())
+
+    def _discard(self, view: View) -> None:
+        """Drop a view's unsaved state (its vertex is about to be deleted)."""
+        for key, (v, node) in list(self._dirty.items()):
+            if v is view:
+                node.buffers.clear()
+                del self._dirty[key]
+        view.dirty_inodes.clear()
+        view.dropped = True
 
     def stats(self) -> dict:
         result = graph_stats.compute(self.graph, self.chunk_size, self.repo.paths.packs)

@@ -93,11 +93,15 @@ class View:
         self.inodes: dict[int, Inode] = {}
         self.chunk_size = fs.chunk_size
         self.dirty_inodes: set[int] = set()  # inodes whose attributes are not saved yet
+        self._name: str | None = None if kind == "volume" else fs.graph.vertices[key].name
+        self.dropped = False  # its vertex was deleted: every request fails with ENOENT
 
     # -- which vertex ------------------------------------------------------------------------
     @property
     def vertex_id(self) -> int:
         """The vertex whose contents are shown."""
+        if self.dropped:
+            raise FsError(errno.ENOENT)
         if self.kind == "volume":
             return self.graph.volumes[self.key]
         draft = self.graph.snapshot_drafts.get(self.key)
@@ -110,14 +114,19 @@ class View:
 
     def draft_id(self) -> int:
         """The draft that takes writes, created for a snapshot view on the first write."""
+        if self.dropped:
+            raise FsError(errno.ENOENT)
         if self.kind == "volume":
             return self.graph.volumes[self.key]
         return self.graph.snapshot_draft(self.key, create=True).id
 
     def name(self) -> str:
+        """The directory name: the volume's, or VOLUME@LABEL under .snapshots."""
         if self.kind == "volume":
             return self.key
-        return self.graph.vertices[self.key].name
+        if self._name is None:
+            self._name = self.graph.vertices[self.key].name
+        return self._name
 
     def reset(self) -> None:
         """Forget every cached item: the shown vertex changed outside the kernel."""
@@ -137,7 +146,7 @@ class View:
     # -- inodes ----------------------------------------------------------------------------
     def get(self, ino: int) -> Inode:
         node = self.inodes.get(ino)
-        if node is not None:
+        if node is not None and not self.dropped:
             return node
         row = self._pick(self.cat.execute(
             "SELECT vertex, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, "
@@ -654,14 +663,18 @@ class View:
             valid = min(cs, max(0, node.size - idx * cs))
             work.append((idx, buf, buf.gen, bytes(buf.data[:valid]).rstrip(b"\0")))
         stored = [p for *_, p in work if p]
-        ids = iter(await self.fs.chunks.put_many(stored) if stored else [])
-        for idx, buf, gen, payload in work:
-            chunk = next(ids) if payload else 0
-            if node.buffers.get(idx) is not buf or node.ino not in self.inodes:
-                continue  # truncated away or deleted while we stored it
-            self.set_block(node, idx, chunk)
-            if buf.gen == gen:
-                del node.buffers[idx]
+        ids = await self.fs.chunks.put_many(stored) if stored else []
+        try:
+            it = iter(ids)
+            for idx, buf, gen, payload in work:
+                chunk = next(it) if payload else 0
+                if node.buffers.get(idx) is not buf or node.ino not in self.inodes:
+                    continue  # truncated away or deleted while we stored it
+                self.set_block(node, idx, chunk)
+                if buf.gen == gen:
+                    del node.buffers[idx]
+        finally:
+            self.fs.chunks.unpin(ids)
 
     async def flush_data(self, node: Inode, batch: int = 64) -> None:
         for _ in range(8):

@@ -1,0 +1,160 @@
+"""The garbage collector: frees unheld chunks and compacts pack files in the background.
+
+Two steps:
+
+* free(held): every indexed chunk that no vertex holds (it is in no added set) and that
+  no in-flight write has pinned loses its index row, at once and in one transaction. Its
+  record becomes dead bytes in its pack.
+* compact(): a pack whose dead bytes pass a ratio has its live records copied to the
+  current pack (verified on the way, so damage is never copied silently), the index is
+  repointed, the copies and the catalog are made durable, and only then is the old pack
+  deleted. A crash at any point leaves either the old pack referenced, or the copies
+  referenced and the old pack as an unindexed file that the next pass removes.
+
+Copying is throttled (bytes per second) and done in batches: pack reads and writes run
+in worker threads, the index updates on the trio thread between awaits, so foreground
+requests are never held for more than one batch's index update.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+from pyroaring import BitMap
+
+from snapfs.store.catalog import Catalog
+from snapfs.store.chunks import ChunkManager
+from snapfs.store.packs import PACK_HEADER, PackStore
+from snapfs.types import ChunkLocation
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    def __init__(self, cat: Catalog, packs: PackStore, chunks: ChunkManager, *,
+                 rate: float = 64 * 1024 * 1024, batch_bytes: int = 4 * 1024 * 1024) -> None:
+        self.cat = cat
+        self.packs = packs
+        self.chunks = chunks
+        self.rate = rate
+        self.batch_bytes = batch_bytes
+        self.freed_chunks = 0
+        self.moved_bytes = 0
+        self.removed_packs = 0
+
+    def garbage(self, held: BitMap) -> BitMap:
+        indexed = BitMap(cid for (cid,) in self.cat.execute("SELECT id FROM chunks WHERE pack>=0"))
+        return indexed - held - BitMap(self.chunks.pinned)
+
+    def free(self, held: BitMap) -> int:
+        """Drop the index rows of every unheld, unpinned chunk; returns how many."""
+        dead = self.garbage(held)
+        ids = list(dead)
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            self.cat.write(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(part))})", part)
+        for cid in ids:
+            self.chunks.cache.drop(cid)
+        self.freed_chunks += len(ids)
+        return len(ids)
+
+    def pack_usage(self) -> dict[int, tuple[int, int]]:
+        """pack id -> (file size, live record bytes)."""
+        live = dict(self.cat.execute(
+            "SELECT pack, SUM(length) FROM chunks WHERE pack>=0 GROUP BY pack").fetchall())
+        usage = {}
+        for pack in self.packs.pack_ids():
+            try:
+                size = self.packs.pack_size(pack)
+            except FileNotFoundError:
+                continue
+            usage[pack] = (size, live.get(pack, 0))
+        return usage
+
+    def candidates(self, min_dead_ratio: float) -> list[int]:
+        out = []
+        for pack, (size, live) in sorted(self.pack_usage().items()):
+            if pack == self.packs.current_pack:
+                continue
+            dead = size - PACK_HEADER.size - live
+            if dead > 0 and (live == 0 or dead / max(size, 1) >= min_dead_ratio):
+                out.append(pack)
+        return out
+
+    async def compact(self, min_dead_ratio: float = 0.25) -> int:
+        """Compact every pack past the ratio; returns the number of packs removed."""
+        removed = 0
+        for pack in self.candidates(min_dead_ratio):
+            await self._compact_pack(pack)
+            removed += 1
+        return removed
+
+    async def _compact_pack(self, pack: int) -> None:
+        rows = self.cat.execute("SELECT id, offset, length FROM chunks WHERE pack=? "
+                                "ORDER BY offset", (pack,)).fetchall()
+        batch: list[tuple[int, ChunkLocation]] = []
+        size = 0
+        for cid, offset, length in rows:
+            batch.append((cid, ChunkLocation(pack, offset, length)))
+            size += length
+            if size >= self.batch_bytes:
+                await self._move(batch)
+                batch, size = [], 0
+        if batch:
+            await self._move(batch)
+        # durability: the copies, then the index that points at them, then the removal
+        await trio.to_thread.run_sync(self.packs.sync)
+        self.cat.commit()
+        await trio.to_thread.run_sync(self.cat.sync_wal)
+        if self.cat.execute("SELECT 1 FROM chunks WHERE pack=? LIMIT 1", (pack,)).fetchone():
+            log.warning("pack %d still has live chunks after compaction; kept", pack)
+            return
+        await trio.to_thread.run_sync(self.packs.remove_pack, pack)
+        self.removed_packs += 1
+        log.info("compacted pack %d (%d live chunks moved)", pack, len(rows))
+
+    async def _move(self, batch: list[tuple[int, ChunkLocation]]) -> None:
+        started = time.monotonic()
+
+        def read_all():
+            return [(cid, *self.packs.read_record(cid, loc)) for cid, loc in batch]
+
+        records = await trio.to_thread.run_sync(read_all)
+        locs = await trio.to_thread.run_sync(
+            self.packs.append_many, [(cid, payload, raw, flags)
+                                     for cid, payload, raw, flags in records])
+        moved = 0
+        for (cid, old), new in zip(batch, locs, strict=True):
+            cur = self.cat.execute("SELECT pack, offset FROM chunks WHERE id=?", (cid,)).fetchone()
+            if cur is None or (cur[0], cur[1]) != (old.pack, old.offset):
+                continue  # freed meanwhile: the copy is dead bytes in the new pack
+            self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
+                           (new.pack, new.offset, new.length, cid))
+            moved += new.length
+        self.moved_bytes += moved
+        # throttle: keep to self.rate bytes per second of copying
+        budget = moved / self.rate if self.rate else 0
+        spent = time.monotonic() - started
+        if budget > spent:
+            await trio.sleep(budget - spent)
+
+    def remove_orphan_packs(self) -> int:
+        """Delete pack files the index no longer references (a crash after compaction)."""
+        removed = 0
+        usage = self.pack_usage()
+        for pack, (_size, live) in usage.items():
+            if live == 0 and pack != self.packs.current_pack:
+                self.packs.remove_pack(pack)
+                removed += 1
+        return removed
+
+    def report(self) -> dict:
+        usage = self.pack_usage()
+        stored = sum(s for s, _ in usage.values())
+        live = sum(lv for _, lv in usage.values())
+        return {"packs": len(usage), "pack_bytes": stored, "live_record_bytes": live,
+                "dead_bytes": stored - live - PACK_HEADER.size * len(usage),
+                "freed_chunks": self.freed_chunks, "moved_bytes": self.moved_bytes,
+                "removed_packs": self.removed_packs}
