@@ -44,7 +44,7 @@ async def handle(fs: Filesystem, req: dict) -> dict:
         return {"snapshot": await fs.commit(view, req.get("label"))}
     if op == "volume-create":
         draft = g.create_volume(req["name"], req.get("from"))
-        fs.cat.commit()
+        await fs.commit_catalog(durable=True)
         return {"volume": req["name"], "draft": draft.id}
     if op == "volume-list":
         out = []

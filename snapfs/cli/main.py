@@ -92,9 +92,9 @@ def run_op(target: Target, req: dict) -> dict:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_init(args) -> int:
-    config = init_repository(args.repo, parse_size(args.chunk_size))
     if args.encrypt:
         raise UsageError("encryption (--encrypt) is not available in this release yet")
+    config = init_repository(args.repo, parse_size(args.chunk_size))
     from snapfs.repository import Repository
 
     Repository(args.repo, holder="snapfs init").close()

@@ -293,7 +293,6 @@ class SnapfsOperations(pyfuse3.Operations):
             self.fs.graph.create_volume(name.decode())
         except UnicodeDecodeError:
             raise FsError(errno.EINVAL)
-        self.fs.cat.commit()
         view = self._volume_view(name)
         return self._attrs(view, view.get(ROOT_INO))
 

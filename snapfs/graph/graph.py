@@ -24,7 +24,7 @@ from snapfs.errors import AlreadyExists, NotFound, Refused, UsageError
 from snapfs.store.catalog import Catalog
 from snapfs.types import ROOT_INO, VertexId
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Vertex:
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UsageError(
             f"invalid {kind} name {name!r}: use 1-200 characters from letters, digits and "
             "_ . + : - (not starting with . or -; no / or @)"

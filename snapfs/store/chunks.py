@@ -86,22 +86,30 @@ class ChunkManager:
             await pending.wait()
         event = self._pending[digest] = trio.Event()
         try:
-            cid = self.cat.write(
-                "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
-                (digest, len(payload))).lastrowid
+            # a placeholder left by an interrupted write of the same content is reused
+            cid = row[0] if row is not None else self._placeholder(digest, len(payload))
             try:
                 loc = await trio.to_thread.run_sync(
                     self.packs.append, cid, payload, len(payload), 0)
             except BaseException:
-                self.cat.write("DELETE FROM chunks WHERE id=?", (cid,))
+                self.cat.write("DELETE FROM chunks WHERE id=? AND pack<0", (cid,))
                 raise
-            self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
-                           (loc.pack, loc.offset, loc.length, cid))
-            self.cache.put(cid, payload)
+            self._located(cid, loc, payload)
             return cid
         finally:
             del self._pending[digest]
             event.set()
+
+    def _placeholder(self, digest: bytes, raw_len: int) -> int:
+        """An index row for a record being written (pack -1 until it is)."""
+        return self.cat.write(
+            "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
+            (digest, raw_len)).lastrowid
+
+    def _located(self, cid: int, loc: ChunkLocation, payload: bytes) -> None:
+        self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
+                       (loc.pack, loc.offset, loc.length, cid))
+        self.cache.put(cid, payload)
 
     def _identities(self, payloads: list[bytes]) -> list[bytes]:
         return [self.identity(p) for p in payloads]
@@ -132,12 +140,10 @@ class ChunkManager:
             if row is not None and row[1] >= 0:
                 ids[i] = row[0]
                 self.pinned[row[0]] += 1
-            elif digest in self._pending or row is not None:
+            elif digest in self._pending:
                 waits.append(i)
             else:
-                cid = self.cat.write(
-                    "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
-                    (digest, len(payloads[i]))).lastrowid
+                cid = row[0] if row is not None else self._placeholder(digest, len(payloads[i]))
                 self._pending[digest] = trio.Event()
                 self.pinned[cid] += 1
                 new.append((i, cid, digest, payloads[i]))
@@ -146,9 +152,7 @@ class ChunkManager:
                 locs = await trio.to_thread.run_sync(
                     self.packs.append_many, [(cid, p, len(p), 0) for _, cid, _, p in new])
                 for (i, cid, _digest, payload), loc in zip(new, locs, strict=True):
-                    self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
-                                   (loc.pack, loc.offset, loc.length, cid))
-                    self.cache.put(cid, payload)
+                    self._located(cid, loc, payload)
                     ids[i] = cid
         except BaseException:
             for i, cid, _digest, _payload in new:
@@ -179,15 +183,16 @@ class ChunkManager:
     def put_sync(self, payload: bytes) -> int:
         """put() for single-threaded callers without trio (tests, import, CLI)."""
         digest = self.identity(payload)
-        row = self.cat.execute("SELECT id FROM chunks WHERE hash=?", (digest,)).fetchone()
-        if row is not None:
+        row = self.cat.execute("SELECT id, pack FROM chunks WHERE hash=?", (digest,)).fetchone()
+        if row is not None and row[1] >= 0:
             return row[0]
-        cid = self.cat.write(
-            "INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
-            (digest, len(payload))).lastrowid
-        loc = self.packs.append(cid, payload, len(payload), 0)
-        self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
-                       (loc.pack, loc.offset, loc.length, cid))
+        cid = row[0] if row is not None else self._placeholder(digest, len(payload))
+        try:
+            loc = self.packs.append(cid, payload, len(payload), 0)
+        except BaseException:
+            self.cat.write("DELETE FROM chunks WHERE id=? AND pack<0", (cid,))
+            raise
+        self._located(cid, loc, payload)
         return cid
 
     # -- reading -----------------------------------------------------------------------------

@@ -76,8 +76,10 @@ class PackStore:
 
     def _open_new_pack(self) -> None:
         if self._write_fd >= 0:
-            os.fsync(self._write_fd) if self._unsynced else None
+            if self._unsynced:
+                os.fdatasync(self._write_fd)
             os.close(self._write_fd)
+            self._write_fd = -1
         existing = self.pack_ids()
         self._write_id = (existing[-1] + 1) if existing else 1
         path = os.path.join(self.directory, pack_name(self._write_id))
@@ -90,8 +92,7 @@ class PackStore:
 
     def append(self, chunk_id: int, payload: bytes, raw_len: int, flags: int = 0) -> ChunkLocation:
         """Append one record; returns its location. The record is durable after sync()."""
-        if not self.writable:
-            raise IntegrityError("the chunk store is open read-only")
+        self._check_writable()
         header = RECORD_HEADER.pack(RECORD_MAGIC, flags, 0, len(payload), raw_len, chunk_id)
         check = xxhash.xxh3_64(header)
         check.update(payload)
@@ -109,6 +110,7 @@ class PackStore:
 
     def append_many(self, items: list[tuple[int, bytes, int, int]]) -> list[ChunkLocation]:
         """Append (chunk id, payload, plaintext length, flags) records with one pwritev."""
+        self._check_writable()
         records = []
         for chunk_id, payload, raw_len, flags in items:
             header = RECORD_HEADER.pack(RECORD_MAGIC, flags, 0, len(payload), raw_len, chunk_id)
@@ -133,9 +135,14 @@ class PackStore:
             self._unsynced = True
         return locs
 
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise IntegrityError("the chunk store is open read-only")
+
     def _write_batch(self, batch: list[bytes], offset: int) -> None:
         if not batch:
             return
+        self._unsynced = True
         total = sum(len(r) for r in batch)
         written = os.pwritev(self._write_fd, batch, offset)
         if written != total:
@@ -147,6 +154,11 @@ class PackStore:
             if self._write_fd >= 0 and self._unsynced:
                 os.fdatasync(self._write_fd)
                 self._unsynced = False
+
+    @property
+    def unsynced(self) -> bool:
+        """True if records were appended since the last sync."""
+        return self._unsynced
 
     @property
     def current_pack(self) -> int:

@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 
 from snapfs import FORMAT_VERSION
@@ -78,9 +79,14 @@ def is_repository(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG))
 
 
+def valid_chunk_size(chunk_size: int) -> bool:
+    return (MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE
+            and not chunk_size & (chunk_size - 1))
+
+
 def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> RepoConfig:
     """Create the directory skeleton and configuration (the catalog is created on open)."""
-    if chunk_size & (chunk_size - 1) or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+    if not valid_chunk_size(chunk_size):
         raise UsageError(
             f"chunk size {chunk_size} must be a power of two between "
             f"{MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}"
@@ -90,9 +96,19 @@ def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> RepoConf
         raise AlreadyExists(f"{paths.root} is already a snapfs repository")
     if os.path.isdir(paths.root) and os.listdir(paths.root):
         raise UsageError(f"{paths.root} exists and is not empty: choose an empty or new directory")
-    os.makedirs(paths.packs, exist_ok=True)
+    created_root = not os.path.isdir(paths.root)
     config = RepoConfig(FORMAT_VERSION, chunk_size, secrets.token_hex(16), secrets.token_bytes(32))
-    write_json_atomic(paths.config, config.to_json(), mode=0o600)
+    try:
+        os.makedirs(paths.packs, exist_ok=True)
+        write_json_atomic(paths.config, config.to_json(), mode=0o600)
+    except BaseException:
+        # leave nothing behind that would make a retry fail ("not empty")
+        for name in os.listdir(paths.root) if os.path.isdir(paths.root) else ():
+            full = os.path.join(paths.root, name)
+            shutil.rmtree(full) if os.path.isdir(full) else os.unlink(full)
+        if created_root:
+            os.rmdir(paths.root)
+        raise
     return config
 
 
@@ -106,15 +122,20 @@ def load_config(root: str) -> RepoConfig:
                              f"create one with `snapfs init {root}`")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise FormatError(f"{paths.config} is damaged ({e}); the repository cannot be opened")
+    if not isinstance(raw, dict):
+        raise FormatError(f"{paths.config} is damaged (not a JSON object)")
     fmt = raw.get("format")
     if fmt != FORMAT_VERSION:
         raise FormatError(f"{paths.root} has format {fmt}; this snapfs reads format "
                           f"{FORMAT_VERSION} only")
     try:
-        return RepoConfig(fmt, int(raw["chunk_size"]), raw["repo_id"], bytes.fromhex(raw["id_key"]),
-                          raw.get("encryption"))
+        config = RepoConfig(fmt, int(raw["chunk_size"]), raw["repo_id"],
+                            bytes.fromhex(raw["id_key"]), raw.get("encryption"))
     except (KeyError, ValueError, TypeError) as e:
         raise FormatError(f"{paths.config} is damaged (field {e})")
+    if not valid_chunk_size(config.chunk_size):
+        raise FormatError(f"{paths.config} is damaged (chunk size {config.chunk_size})")
+    return config
 
 
 def write_json_atomic(path: str, value: dict, mode: int = 0o644) -> None:
@@ -123,8 +144,11 @@ def write_json_atomic(path: str, value: dict, mode: int = 0o644) -> None:
     try:
         os.write(fd, json.dumps(value, indent=2).encode() + b"\n")
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:

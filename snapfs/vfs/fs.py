@@ -84,7 +84,7 @@ class Filesystem:
                 except FsError:
                     continue
                 view._maybe_delete(node)
-        self.cat.commit()
+        self.repo.sync()
 
     def _view_of_draft(self, draft: int) -> View | None:
         for name, vid in self.graph.volumes.items():
@@ -135,16 +135,32 @@ class Filesystem:
             await self.flush_dirty(view)
         async with self._sync_lock:
             self.flush_inodes()
-            self.cat.commit()
-            await trio.to_thread.run_sync(self.repo.packs.sync)
+            await self.commit_catalog(durable=True)
+
+    async def commit_catalog(self, durable: bool) -> None:
+        """End the open catalog transaction, never before the pack data it references.
+
+        Pack records are made durable first (worker thread); if another request appended
+        records meanwhile, sync again (the last try inline, which is rare and short), so
+        that the catalog committed never points at a record a power loss could tear.
+        With durable=True the WAL is fsynced too.
+        """
+        packs = self.repo.packs
+        for _ in range(3):
+            await trio.to_thread.run_sync(packs.sync)
+            if not packs.unsynced:
+                break
+        else:
+            packs.sync()
+        self.cat.commit()  # no await between the check above and this commit
+        if durable:
             await trio.to_thread.run_sync(self.cat.sync_wal)
 
     async def group_commit(self) -> None:
         """Periodic: store dirty data and end the open catalog transaction (no fsync)."""
         await self.flush_dirty()
         self.flush_inodes()
-        await trio.to_thread.run_sync(self.repo.packs.sync)
-        self.cat.commit()
+        await self.commit_catalog(durable=False)
 
     async def background(self, interval: float = 2.0, checkpoint_every: float = 30.0,
                          gc_every: float = 60.0) -> None:
@@ -171,7 +187,7 @@ class Filesystem:
         """Free unheld chunks, then compact packs (throttled). Safe while mounted."""
         await self.flush_dirty()
         freed = self.collector.free(self.held_chunks())
-        self.cat.commit()
+        await self.commit_catalog(durable=False)
         removed = await self.collector.compact(min_dead_ratio) if compact else 0
         if freed or removed:
             log.info("gc: freed %d chunks, removed %d packs", freed, removed)
@@ -194,9 +210,7 @@ class Filesystem:
                 await view.flush_data(node)
         view.flush_inodes()
         snap = self.graph.commit(draft.id, label)
-        self.cat.commit()
-        await trio.to_thread.run_sync(self.repo.packs.sync)
-        await trio.to_thread.run_sync(self.cat.sync_wal)
+        await self.commit_catalog(durable=True)
         if view.kind == "snapshot":
             view.reset()
             self.on_view_changed(view)
@@ -224,8 +238,7 @@ class Filesystem:
         if view is not None:
             self._discard(view)
         self.graph.delete_snapshot(name)
-        self.cat.commit()
-        await trio.to_thread.run_sync(self.cat.sync_wal)
+        await self.commit_catalog(durable=True)
         if view is not None:
             del self.snapshot_views[snap.id]
             self.on_view_changed(view)
@@ -243,8 +256,7 @@ class Filesystem:
         if view is not None:
             self._discard(view)
         self.graph.delete_volume(name)
-        self.cat.commit()
-        await trio.to_thread.run_sync(self.cat.sync_wal)
+        await self.commit_catalog(durable=True)
         if view is not None:
             del self.volume_views[name]
             self.on_view_changed(view)
