@@ -191,6 +191,8 @@ class SnapfsOperations(pyfuse3.Operations):
         return self._counted(await self._lookup(parent_inode, name))
 
     async def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if len(name) > 255:
+            raise FsError(errno.ENAMETOOLONG)
         if parent == MNT_ROOT:
             if name == SNAPSHOTS:
                 return self._virtual_attrs(SNAPSHOTS_INO)
@@ -385,6 +387,8 @@ class SnapfsOperations(pyfuse3.Operations):
         view, node = self._resolve(inode)
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.EINVAL)
+        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR) and node.size:
+            await view.setattr(node.ino, size=0)
         node.opens += 1
         return pyfuse3.FileInfo(fh=self._new_fh(Handle(view, node)), keep_cache=True)
 
@@ -423,8 +427,8 @@ class SnapfsOperations(pyfuse3.Operations):
         if h is None or h.view is None:
             return
         h.node.opens -= 1
-        if h.node.nlink == 0 and h.node.opens == 0:
-            await h.view.flush_data(h.node)
+        if h.node.nlink == 0 and h.node.opens == 0 and not h.node.deleted:
+            h.node.buffers.clear()  # nobody can read it again: nothing to store
             h.view._maybe_delete(h.node)
 
     @handler

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from pyroaring import BitMap
 
-from snapfs.errors import FsError, IntegrityError
+from snapfs.errors import IntegrityError
 from snapfs.graph.graph import Graph
 from snapfs.repository import Repository
 from snapfs.store.packs import verify_record
@@ -79,7 +79,11 @@ def check_references(repo: Repository) -> list[str]:
 
 
 def tree_counts(view: View) -> Counter:
-    """Brute force: references to each chunk from every live inode of the view's vertex."""
+    """Brute force: references to each chunk from every file reachable in the view's tree.
+
+    Files unlinked while open are in no tree and hold no references (their chunks are
+    pinned in memory while open), so they are not counted.
+    """
     counts: Counter = Counter()
     seen: set[int] = set()
     stack = [ROOT_INO]
@@ -93,18 +97,6 @@ def tree_counts(view: View) -> Counter:
         node = view.get(ino)
         if node.is_dir:
             stack.extend(child for _, child in view.listdir(ino))
-    chain = view.graph.chain(view.vertex_id)
-    for (ino,) in view.cat.execute(
-            f"SELECT DISTINCT ino FROM inodes WHERE nlink=0 AND mode!=0 AND vertex IN "
-            f"({','.join(map(str, chain))})"):
-        if ino not in seen:
-            try:
-                node = view.get(ino)
-            except FsError:
-                continue
-            if node.nlink == 0:
-                seen.add(ino)
-                inos.append(ino)
     for ino in inos:
         node = view.get(ino)
         if stat.S_ISREG(node.mode):

@@ -76,6 +76,8 @@ CREATE TABLE IF NOT EXISTS inodes (
     PRIMARY KEY (ino, vertex)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS inodes_by_vertex ON inodes (vertex);
+-- files unlinked while open (released at last close, or at the next mount after a crash)
+CREATE INDEX IF NOT EXISTS inodes_orphans ON inodes (ino, vertex) WHERE nlink = 0 AND mode != 0;
 CREATE TABLE IF NOT EXISTS dirents (
     parent INTEGER NOT NULL, name BLOB NOT NULL, vertex INTEGER NOT NULL, ino INTEGER NOT NULL,
     PRIMARY KEY (parent, name, vertex)

@@ -68,22 +68,25 @@ class Filesystem:
         return view
 
     def _clean_orphans(self) -> None:
-        """Files unlinked while open when the last daemon died: release them now."""
-        drafts = [v.id for v in self.graph.vertices.values() if v.is_draft]
-        for draft in drafts:
-            rows = self.cat.execute("SELECT ino FROM inodes WHERE vertex=? AND nlink=0 AND mode!=0",
-                                    (draft,)).fetchall()
-            if not rows:
-                continue
-            view = self._view_of_draft(draft)
-            if view is None:
-                continue
-            for (ino,) in rows:
+        """Files unlinked while open when the last daemon died: release them now.
+
+        The orphan's row may be in the draft or, if a commit sealed it, in an ancestor.
+        """
+        orphans = self.cat.execute(
+            "SELECT ino, vertex FROM inodes WHERE nlink=0 AND mode!=0").fetchall()
+        if not orphans:
+            return
+        for draft in [v.id for v in self.graph.vertices.values() if v.is_draft]:
+            chain = self.graph.chain(draft)
+            inos = sorted({ino for ino, vertex in orphans if vertex in chain})
+            view = self._view_of_draft(draft) if inos else None
+            for ino in inos if view is not None else ():
                 try:
                     node = view.get(ino)
                 except FsError:
-                    continue
-                view._maybe_delete(node)
+                    continue  # already released in this draft
+                if node.nlink == 0 and not node.opens:
+                    view._maybe_delete(node)
         self.repo.sync()
 
     def _view_of_draft(self, draft: int) -> View | None:
@@ -209,6 +212,8 @@ class Filesystem:
             if node.buffers:  # written during the flush: store it too (rare)
                 await view.flush_data(node)
         view.flush_inodes()
+        if view.kind == "snapshot":
+            view.prepare_reset()
         snap = self.graph.commit(draft.id, label)
         await self.commit_catalog(durable=True)
         if view.kind == "snapshot":

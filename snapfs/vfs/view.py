@@ -64,6 +64,11 @@ class Inode:
     buffers: dict[int, DirtyChunk] = field(default_factory=dict)
     xattrs: dict[bytes, bytes] | None = None
     allocated: int | None = None  # cached count of stored or dirty blocks (st_blocks)
+    # An orphan is open but in no tree (unlinked, or left behind when its snapshot
+    # directory was committed): it holds no references; its chunks are pinned instead.
+    orphan: bool = False
+    pins: dict[int, int] = field(default_factory=dict)
+    deleted: bool = False  # gone from the tree and the catalog; kept while the kernel knows it
 
     @property
     def is_dir(self) -> bool:
@@ -72,6 +77,14 @@ class Inode:
     def row(self) -> tuple:
         return (self.mode, self.nlink, self.uid, self.gid, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.rdev, self.target)
+
+
+def _refuse_acl(name: bytes) -> None:
+    """POSIX ACLs are not supported (pyfuse3 cannot ask the kernel to enforce them):
+    refuse them the way ext4 mounted with noacl does, so that cp -a and tar fall back to
+    plain modes instead of storing an ACL nobody applies."""
+    if name.startswith(b"system.posix_acl_"):
+        raise FsError(errno.EOPNOTSUPP)
 
 
 def _check_name(name: bytes) -> None:
@@ -128,10 +141,55 @@ class View:
             self._name = self.graph.vertices[self.key].name
         return self._name
 
+    def prepare_reset(self) -> None:
+        """Before the shown vertex changes: resolve every open file's blocks completely."""
+        for node in self.inodes.values():
+            if node.opens and stat.S_ISREG(node.mode):
+                self._load_all(node)
+
     def reset(self) -> None:
-        """Forget every cached item: the shown vertex changed outside the kernel."""
-        self.inodes = {ino: i for ino, i in self.inodes.items() if i.opens and i.nlink == 0}
-        self.dirty_inodes &= set(self.inodes)
+        """The shown vertex changed outside the kernel: forget what the old one showed.
+
+        Open files stay usable: one that the new vertex also has is refreshed from it
+        (later writes go to the new draft); one it lacks becomes an orphan.
+        """
+        kept = {}
+        for ino, node in self.inodes.items():
+            if not node.opens or node.deleted:
+                continue
+            row = self._resolve_inode(ino)
+            if row is None or row[0] == 0:
+                if not node.orphan:
+                    node.orphan, node.nlink = True, 0
+                    for chunk in node.blocks.values():
+                        self._pin(node, chunk)
+            else:
+                self._unpin_all(node)
+                fresh = Inode(ino, *row)
+                fresh.opens, fresh.orphan = node.opens, fresh.nlink == 0
+                for name in Inode.__slots__:  # same object: open handles refer to it
+                    setattr(node, name, getattr(fresh, name))
+            kept[ino] = node
+        self.inodes = kept
+        self.dirty_inodes.clear()
+
+    def _pin(self, node: Inode, chunk: int) -> None:
+        if chunk:
+            node.pins[chunk] = node.pins.get(chunk, 0) + 1
+            self.fs.chunks.pin([chunk])
+
+    def _unpin(self, node: Inode, chunk: int) -> None:
+        if chunk and node.pins.get(chunk):
+            node.pins[chunk] -= 1
+            if not node.pins[chunk]:
+                del node.pins[chunk]
+            self.fs.chunks.unpin([chunk])
+
+    def _resolve_inode(self, ino: int) -> tuple | None:
+        row = self._pick(self.cat.execute(
+            "SELECT vertex, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, "
+            "target FROM inodes WHERE ino=?", (ino,)))
+        return None if row is None else row[1:]
 
     def _pick(self, rows):
         """From (vertex, ...) rows, the one of the nearest ancestor-or-self, or None."""
@@ -148,12 +206,11 @@ class View:
         node = self.inodes.get(ino)
         if node is not None and not self.dropped:
             return node
-        row = self._pick(self.cat.execute(
-            "SELECT vertex, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, "
-            "target FROM inodes WHERE ino=?", (ino,)))
-        if row is None or row[1] == 0:
+        row = self._resolve_inode(ino)
+        if row is None or row[0] == 0:
             raise FsError(errno.ENOENT)
-        node = Inode(ino, *row[1:])
+        node = Inode(ino, *row)
+        node.orphan = node.nlink == 0  # left by a crash: its references are already gone
         self.inodes[ino] = node
         return node
 
@@ -169,6 +226,7 @@ class View:
             node.mtime_ns = now
 
     def _mark_dirty(self, node: Inode) -> None:
+        self.draft_id()  # a snapshot directory gets its draft at the first change
         node.dirty = True
         self.dirty_inodes.add(node.ino)
 
@@ -342,29 +400,68 @@ class View:
         node.nlink -= 1
         self._touch(node, mtime=False)
         self._save(node)
+        if node.nlink == 0 and node.opens and not node.orphan:
+            self._make_orphan(node)
         self._maybe_delete(node)
+
+    def _make_orphan(self, node: Inode) -> None:
+        """Unlinked while open: the tree no longer references it; pin its chunks instead."""
+        if stat.S_ISREG(node.mode):
+            self._load_all(node)
+            changes: dict[int, int] = {}
+            for chunk in node.blocks.values():
+                if chunk:
+                    changes[chunk] = changes.get(chunk, 0) - 1
+                    self._pin(node, chunk)
+            self.graph.adjust_refs(self.draft_id(), changes)
+        node.orphan = True
+
+    def _load_all(self, node: Inode) -> None:
+        last = self._nblocks(node.size)
+        for window in range((last + WINDOW - 1) // WINDOW):
+            if window not in node.windows:
+                self._load_window(node, window)
+        for idx in [i for i in node.blocks if i >= last]:
+            del node.blocks[idx]
 
     def _maybe_delete(self, node: Inode) -> None:
         """An inode with no names and no open handles is gone: release its data."""
         if node.nlink > 0 or node.opens > 0:
             return
-        if stat.S_ISREG(node.mode):
+        if node.orphan:
+            self._unpin_all(node)
+            if self._resolve_inode(node.ino) is None:  # only the committed draft had it
+                self._forget_node(node)
+                return
+        elif stat.S_ISREG(node.mode):
             self._truncate_blocks(node, 0)
         draft = self.draft_id()
         for table in ("blocks", "xattrs"):
             self.cat.write(f"DELETE FROM {table} WHERE ino=? AND vertex=?", (node.ino, draft))
         self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,0,0,0,0,0,0,0,0,0,NULL)",
                        (node.ino, draft))
+        self._forget_node(node)
+
+    def _forget_node(self, node: Inode) -> None:
+        """The inode is deleted. It stays in memory (fstat of an open directory still
+        works) until the kernel forgets it."""
         node.dirty = False
+        node.deleted = True
+        node.nlink = 0
         node.buffers.clear()
         node.blocks.clear()
         node.windows.clear()
-        self.inodes.pop(node.ino, None)
+        self.dirty_inodes.discard(node.ino)
+
+    def _unpin_all(self, node: Inode) -> None:
+        for chunk, count in list(node.pins.items()):
+            for _ in range(count):
+                self._unpin(node, chunk)
 
     def forget(self, ino: int) -> None:
         """The kernel forgot ino: drop it from memory unless it has unsaved state."""
         node = self.inodes.get(ino)
-        if node is not None and not node.dirty and not node.buffers and not node.opens:
+        if node is not None and (node.deleted or not (node.dirty or node.buffers or node.opens)):
             self.inodes.pop(ino, None)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
@@ -469,6 +566,7 @@ class View:
         return node.xattrs
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        _refuse_acl(name)
         value = self._xattrs(self.get(ino)).get(name)
         if value is None:
             raise FsError(errno.ENODATA)
@@ -480,6 +578,7 @@ class View:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name or len(name) > 255:
             raise FsError(errno.ERANGE)
+        _refuse_acl(name)
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
         node = self.get(ino)
@@ -533,6 +632,12 @@ class View:
         """Point block idx of node at chunk in the draft, keeping reference counts exact."""
         old = self.block(node, idx)
         if old == chunk:
+            return
+        if node.orphan:  # in no tree: no rows, no references, only pins
+            node.blocks[idx] = chunk
+            node.allocated = None
+            self._pin(node, chunk)
+            self._unpin(node, old)
             return
         draft = self.draft_id()
         node.blocks[idx] = chunk
@@ -668,7 +773,7 @@ class View:
             it = iter(ids)
             for idx, buf, gen, payload in work:
                 chunk = next(it) if payload else 0
-                if node.buffers.get(idx) is not buf or node.ino not in self.inodes:
+                if node.buffers.get(idx) is not buf or node.deleted:
                     continue  # truncated away or deleted while we stored it
                 self.set_block(node, idx, chunk)
                 if buf.gen == gen:

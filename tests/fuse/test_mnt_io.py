@@ -1,0 +1,234 @@
+"""I/O semantics on a mounted volume: fsync/fdatasync, mmap, O_APPEND, files that are
+unlinked while open."""
+
+import errno
+import mmap
+import os
+
+from fusehelpers import KiB, data, drop_caches, expect_errno, read_bytes, write_bytes
+
+CHUNK_SIZE = "64K"
+CH = 64 * KiB
+
+# --------------------------------------------------------------------------- fsync
+
+
+def test_fsync_and_fdatasync_after_writes(wd):
+    fd = os.open(wd / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data(3 * CH + 1))
+        os.fsync(fd)
+        os.pwrite(fd, b"more", 5)
+        os.fdatasync(fd)
+        os.fsync(fd)  # nothing dirty: still fine
+    finally:
+        os.close(fd)
+    assert read_bytes(wd / "f")[5:9] == b"more"
+
+
+def test_fsync_on_read_only_descriptor(wd):
+    write_bytes(wd / "f", b"x")
+    fd = os.open(wd / "f", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_fsync_on_directory(wd):
+    write_bytes(wd / "f", b"x")
+    fd = os.open(wd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def test_fsynced_data_survives_remount(mount, vd):
+    payload = data(2 * CH + 77, seed="fsync")
+    fd = os.open(vd / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    mount.remount()
+    assert read_bytes(vd / "f") == payload
+
+
+def test_o_sync_writes(wd):
+    fd = os.open(wd / "f", os.O_WRONLY | os.O_CREAT | os.O_SYNC, 0o644)
+    try:
+        for i in range(10):
+            os.write(fd, bytes([i]) * 1000)
+    finally:
+        os.close(fd)
+    assert read_bytes(wd / "f") == b"".join(bytes([i]) * 1000 for i in range(10))
+
+
+# --------------------------------------------------------------------------- mmap
+
+
+def test_mmap_read(wd):
+    payload = data(3 * CH + 123, seed="mmap-r")
+    write_bytes(wd / "f", payload)
+    drop_caches()
+    with open(wd / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert len(m) == len(payload)
+        assert m[CH - 3:CH + 3] == payload[CH - 3:CH + 3]
+        assert m[:] == payload
+
+
+def test_mmap_shared_write_msync_then_read(wd):
+    payload = bytearray(data(3 * CH, seed="mmap-w"))
+    write_bytes(wd / "f", bytes(payload))
+    fd = os.open(wd / "f", os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, flags=mmap.MAP_SHARED) as m:
+            for off in (0, CH - 1, 2 * CH + 1000, 3 * CH - 2):
+                m[off:off + 2] = b"MM"
+                payload[off:off + 2] = b"MM"
+            m.flush()  # msync(MS_SYNC)
+    finally:
+        os.close(fd)
+    drop_caches()
+    assert read_bytes(wd / "f") == bytes(payload)
+
+
+def test_mmap_write_visible_to_read_without_msync(wd):
+    write_bytes(wd / "f", bytes(CH + 10))
+    with open(wd / "f", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[CH - 1:CH + 1] = b"ab"
+        # same page cache: a read() through another descriptor sees it immediately
+        assert read_bytes(wd / "f", CH - 1, 2) == b"ab"
+
+
+def test_mmap_write_persists_after_unmap_and_close(mount, vd):
+    payload = bytearray(data(2 * CH, seed="mmap-p"))
+    write_bytes(vd / "f", bytes(payload))
+    with open(vd / "f", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        m[100:110] = b"0123456789"
+        payload[100:110] = b"0123456789"
+    mount.remount()
+    assert read_bytes(vd / "f") == bytes(payload)
+
+
+def test_write_visible_in_existing_mapping(wd):
+    write_bytes(wd / "f", bytes(2 * CH))
+    with open(wd / "f", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        assert m[CH:CH + 4] == bytes(4)
+        write_bytes(wd / "f", b"live", CH)
+        assert m[CH:CH + 4] == b"live"
+
+
+# --------------------------------------------------------------------------- O_APPEND
+
+
+def test_o_append_from_two_descriptors(wd):
+    p = wd / "log"
+    write_bytes(p, b"start\n")
+    a = os.open(p, os.O_WRONLY | os.O_APPEND)
+    b = os.open(p, os.O_WRONLY | os.O_APPEND)
+    expected = b"start\n"
+    try:
+        for i in range(50):
+            fd, tag = (a, b"A") if i % 3 else (b, b"B")
+            line = tag + str(i).encode() * (i % 7 + 1) + b"\n"
+            os.lseek(fd, 0, os.SEEK_SET)  # ignored for O_APPEND writes
+            os.write(fd, line)
+            expected += line
+    finally:
+        os.close(a)
+        os.close(b)
+    drop_caches()
+    assert read_bytes(p) == expected
+
+
+def test_o_append_ignores_seek_position(wd):
+    p = wd / "f"
+    write_bytes(p, data(CH + 3))
+    fd = os.open(p, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.lseek(fd, 10, os.SEEK_SET)
+        os.write(fd, b"END")
+        assert os.lseek(fd, 0, os.SEEK_CUR) == CH + 6
+    finally:
+        os.close(fd)
+    assert read_bytes(p) == data(CH + 3) + b"END"
+
+
+def test_append_mode_after_other_writer_extends(wd):
+    p = wd / "f"
+    write_bytes(p, b"abc")
+    ap = os.open(p, os.O_WRONLY | os.O_APPEND)
+    try:
+        write_bytes(p, b"XYZ", 3)  # another writer extends the file
+        os.write(ap, b"!")
+    finally:
+        os.close(ap)
+    assert read_bytes(p) == b"abcXYZ!"
+
+
+# --------------------------------------------------------------------------- unlinked but open
+
+
+def test_unlinked_open_file_keeps_working(wd):
+    p = wd / "ghost"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data(2 * CH, seed="ghost"))
+        os.unlink(p)
+        assert "ghost" not in os.listdir(wd)
+        expect_errno(errno.ENOENT, os.stat, p)
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 10, CH - 5) == data(2 * CH, seed="ghost")[CH - 5:CH + 5]
+        os.pwrite(fd, b"still writable", 3 * CH)
+        os.fsync(fd)
+        assert os.fstat(fd).st_size == 3 * CH + 14
+        assert os.pread(fd, 14, 3 * CH) == b"still writable"
+        assert os.pread(fd, 10, 2 * CH) == bytes(10)
+        os.ftruncate(fd, 100)
+        assert os.fstat(fd).st_size == 100
+    finally:
+        os.close(fd)
+    assert os.listdir(wd) == []
+
+
+def test_unlinked_open_file_name_can_be_reused(wd):
+    p = wd / "name"
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"old inode")
+        os.unlink(p)
+        write_bytes(p, b"new inode")
+        assert os.pread(fd, 100, 0) == b"old inode"
+        assert read_bytes(p) == b"new inode"
+        os.pwrite(fd, b"OLD", 0)
+        assert read_bytes(p) == b"new inode"
+    finally:
+        os.close(fd)
+    assert read_bytes(p) == b"new inode"
+
+
+def test_unlinked_open_directory_handle(wd):
+    os.mkdir(wd / "d")
+    fd = os.open(wd / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(wd / "d")
+        os.fstat(fd)
+        assert os.listdir(fd) == []
+        expect_errno(errno.ENOENT, os.open, "new", os.O_CREAT | os.O_WRONLY, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def test_unlinked_open_file_is_gone_after_remount(mount, vd):
+    fd = os.open(vd / "tmp", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"scratch")
+        os.unlink(vd / "tmp")
+    finally:
+        os.close(fd)
+    mount.remount()
+    assert os.listdir(vd) == []

@@ -1,0 +1,249 @@
+"""The filesystems under test.
+
+Each target prepares a directory ``base`` in which jobs run, knows the pid of its FUSE
+daemon (for CPU accounting) and always unmounts in ``teardown``:
+
+- ``plain``: a directory on the disk that holds the work directory.
+- ``passthrough``: tools/passthrough.py (the yardstick) over a directory on that disk.
+- ``snapfs`` / ``snapfs-enc``: a snapfs repository (the latter encrypted), mounted, with
+  a writable volume ``bench``; snapshots appear at ``MNT/.snapshots/bench@LABEL``.
+
+snapfs contract (``.venv/bin/snapfs``): ``init REPO``; ``mount REPO MNT`` daemonizes and
+returns when mounted, the daemon writes ``REPO/snapfs.pid`` and logs to ``REPO/snapfs.log``;
+``-C MNT volume create bench``; ``commit MNT/bench --label NAME``; ``umount MNT``.
+For ``snapfs-enc`` the encryption arguments of ``init`` are an assumption until the CLI
+exists: ``$SNAPFS_BENCH_ENC_INIT`` (default ``--encrypt``), with the passphrase in
+``$SNAPFS_PASSPHRASE`` (default ``snapfs-bench``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .util import (
+    JobError,
+    TargetUnavailable,
+    is_mounted,
+    log,
+    mounts_under,
+    pid_alive,
+    proc_cpu,
+    read_pidfile,
+    run,
+    safe_rmtree,
+    stop_process,
+    unmount,
+    wait_mounted,
+)
+
+TOOLS = Path(__file__).resolve().parent.parent
+MOUNT_TIMEOUT = 60.0
+
+
+class Target:
+    """A directory to benchmark; subclasses mount something there."""
+
+    name = "?"
+    snapshots = False  # supports commit() / snapshot_dir()
+
+    def __init__(self, root: Path) -> None:
+        self.root = root  # private scratch directory of this target
+        self.base = root  # where the jobs run (set by setup)
+        self.pid: int | None = None
+        self.state: dict[str, Any] = {}  # per-run job state (e.g. the git repo)
+
+    def setup(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def teardown(self) -> None:
+        pass
+
+    def cpu(self) -> float | None:
+        """CPU seconds used so far by the FUSE daemon (None: no daemon)."""
+        return proc_cpu(self.pid)
+
+    def check(self) -> None:
+        """Raise JobError if the target is not usable any more (daemon died...)."""
+
+    def kill(self) -> None:
+        """Kill the daemon (the watchdog's last resort for a hung job)."""
+
+    def logs(self) -> list[Path]:
+        return []
+
+    def commit(self, label: str) -> Path:
+        raise JobError(f"{self.name} has no snapshots")
+
+
+class PlainTarget(Target):
+    name = "plain"
+
+    def setup(self) -> None:
+        super().setup()
+        self.base = self.root / "data"
+        self.base.mkdir()
+
+
+class FuseTarget(Target):
+    """Common part of the targets that mount a FUSE filesystem at ``self.mnt``."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.mnt = root / "mnt"
+
+    def check(self) -> None:
+        if self.pid is not None and not pid_alive(self.pid):
+            raise JobError(f"{self.name}: the FUSE daemon (pid {self.pid}) died")
+        if not is_mounted(self.mnt):
+            raise JobError(f"{self.name}: {self.mnt} is not mounted any more")
+
+    def kill(self) -> None:
+        log(f"  watchdog: killing the {self.name} daemon (pid {self.pid})")
+        stop_process(self.pid, timeout=2)
+        unmount(self.mnt)
+
+    def _unmount(self) -> None:
+        if is_mounted(self.mnt) and not unmount(self.mnt):
+            log(f"WARNING: could not unmount {self.mnt}")
+        stop_process(self.pid)
+
+
+class PassthroughTarget(FuseTarget):
+    name = "passthrough"
+
+    def setup(self) -> None:
+        super().setup()
+        src = self.root / "src"
+        src.mkdir()
+        self.mnt.mkdir()
+        pidfile = self.root / "passthrough.pid"
+        run(
+            [sys.executable, TOOLS / "passthrough.py", src, self.mnt,
+             "--pidfile", pidfile, "--log", self.root / "passthrough.log"],
+            timeout=MOUNT_TIMEOUT,
+            what="passthrough mount",
+        )
+        if not wait_mounted(self.mnt, 10):
+            raise TargetUnavailable(f"passthrough: {self.mnt} not mounted")
+        self.pid = read_pidfile(pidfile, wait=5)
+        if self.pid is None:
+            raise TargetUnavailable("passthrough: no pidfile")
+        self.base = self.mnt
+
+    def teardown(self) -> None:
+        self._unmount()
+
+    def logs(self) -> list[Path]:
+        return [self.root / "passthrough.log"]
+
+
+class SnapfsTarget(FuseTarget):
+    name = "snapfs"
+    snapshots = True
+    volume = "bench"
+
+    def __init__(self, root: Path, encrypted: bool = False) -> None:
+        super().__init__(root)
+        self.encrypted = encrypted
+        if encrypted:
+            self.name = "snapfs-enc"
+        self.repo = root / "repo"
+        self.env = dict(os.environ)
+        if encrypted:
+            self.env.setdefault("SNAPFS_PASSPHRASE", "snapfs-bench")
+        self.exe = self._find_exe()
+        self.mounted_by_us = False
+
+    @staticmethod
+    def _find_exe() -> str | None:
+        local = Path(sys.executable).parent / "snapfs"
+        if local.exists():
+            return os.fspath(local)
+        return shutil.which("snapfs")
+
+    def snapfs(self, *args: str | os.PathLike[str], timeout: float = MOUNT_TIMEOUT,
+               what: str | None = None) -> None:
+        assert self.exe is not None
+        run([self.exe, *args], timeout=timeout, env=self.env,
+            what=what or f"snapfs {args[0]}")
+
+    def setup(self) -> None:
+        super().setup()
+        if self.exe is None:
+            raise TargetUnavailable("no snapfs executable (pip install -e . ?)")
+        init_args = []
+        if self.encrypted:
+            init_args = shlex.split(os.environ.get("SNAPFS_BENCH_ENC_INIT", "--encrypt"))
+        steps = "snapfs init"
+        try:
+            self.snapfs("init", *init_args, self.repo, what="snapfs init")
+            if not self.repo.is_dir():
+                raise TargetUnavailable(f"`snapfs init` exited 0 but did not create {self.repo}")
+            self.mnt.mkdir()
+            steps = "snapfs mount"
+            self.mounted_by_us = True
+            self.snapfs("mount", self.repo, self.mnt, what="snapfs mount")
+            if not wait_mounted(self.mnt, 10):
+                raise TargetUnavailable(f"`snapfs mount` returned but {self.mnt} is not mounted")
+            self.pid = read_pidfile(self.repo / "snapfs.pid", wait=5)
+            if self.pid is None:
+                log(f"WARNING: {self.name}: no {self.repo}/snapfs.pid: daemon CPU not measured")
+            steps = "snapfs volume create"
+            self.snapfs("-C", self.mnt, "volume", "create", self.volume,
+                        what="snapfs volume create")
+            self.base = self.mnt / self.volume
+            if not self.base.is_dir():
+                raise TargetUnavailable(f"`snapfs volume create` did not create {self.base}")
+        except JobError as exc:
+            raise TargetUnavailable(f"{steps} failed: {exc}") from None
+
+    def commit(self, label: str) -> Path:
+        self.snapfs("commit", self.base, "--label", label, what="snapfs commit")
+        snap = self.mnt / ".snapshots" / f"{self.volume}@{label}"
+        deadline = time.monotonic() + 10
+        while not snap.is_dir():
+            if time.monotonic() > deadline:
+                raise JobError(f"snapfs commit: {snap} did not appear")
+            time.sleep(0.05)
+        return snap
+
+    def teardown(self) -> None:
+        if self.mounted_by_us and is_mounted(self.mnt) and self.exe is not None:
+            with contextlib.suppress(JobError):
+                self.snapfs("umount", self.mnt, what="snapfs umount")
+        self._unmount()
+
+    def logs(self) -> list[Path]:
+        return [self.repo / "snapfs.log"]
+
+
+TARGET_NAMES = ("plain", "passthrough", "snapfs", "snapfs-enc")
+
+
+def make_target(name: str, runroot: Path) -> Target:
+    root = runroot / name
+    if name == "plain":
+        return PlainTarget(root)
+    if name == "passthrough":
+        return PassthroughTarget(root)
+    if name == "snapfs":
+        return SnapfsTarget(root)
+    if name == "snapfs-enc":
+        return SnapfsTarget(root, encrypted=True)
+    raise ValueError(name)
+
+
+def cleanup_runroot(runroot: Path) -> None:
+    """Unmount whatever a previous (crashed) run left under runroot, then delete it."""
+    for mnt in mounts_under(runroot):
+        log(f"unmounting a leftover mount: {mnt}")
+        if not unmount(mnt):
+            raise RuntimeError(f"cannot unmount leftover {mnt}")
+    safe_rmtree(runroot)
