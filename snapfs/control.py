@@ -17,6 +17,7 @@ import trio
 from snapfs.errors import DaemonError, NotFound, SnapfsError, UsageError
 from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
+from snapfs.vfs.diff import diff as snapshot_diff
 from snapfs.vfs.fs import Filesystem
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ async def handle(fs: Filesystem, req: dict) -> dict:
             result["reclaim"] = reclaim(fs, req["reclaim"])
         return result
     if op == "diff":
-        return diff(fs, req["a"], req["b"])
+        await fs.flush_dirty()
+        return snapshot_diff(fs, req["a"], req["b"], chunks=bool(req.get("chunks")))
     if op == "snapshot-delete":
         await fs.delete_snapshot(req["name"], force=bool(req.get("force")))
         return {"deleted": req["name"]}
@@ -100,46 +102,6 @@ def reclaim(fs: Filesystem, spec: str) -> dict:
     freed = accounting.reclaim(g, ids)
     return {"snapshots": [g.vertices[i].name for i in ids], "chunks": len(freed),
             "bytes": graph_stats.chunk_bytes(g, freed)}
-
-
-def diff(fs: Filesystem, a: str, b: str) -> dict:
-    """Paths that differ between two snapshots (walks both trees; see docs for cost)."""
-    va, vb = fs.snapshot_view(a), fs.snapshot_view(b)
-    files_a, files_b = _walk(va), _walk(vb)
-    changes = []
-    for path in sorted(set(files_a) | set(files_b)):
-        ea, eb = files_a.get(path), files_b.get(path)
-        if ea is None:
-            changes.append({"change": "added", "path": path})
-        elif eb is None:
-            changes.append({"change": "removed", "path": path})
-        elif ea != eb:
-            changes.append({"change": "modified", "path": path})
-    return {"a": a, "b": b, "changes": changes}
-
-
-def _walk(view) -> dict[str, tuple]:
-    """path -> (ino, mode, size, mtime, block map) for every item of a view."""
-    from snapfs.types import ROOT_INO
-
-    out: dict[str, tuple] = {}
-    stack = [("", ROOT_INO)]
-    while stack:
-        prefix, ino = stack.pop()
-        node = view.get(ino)
-        for name, child in view.listdir(ino):
-            path = f"{prefix}/{name.decode(errors='surrogateescape')}"
-            cnode = view.get(child)
-            blocks = ()
-            if cnode.size and not cnode.is_dir:
-                n = (cnode.size + view.chunk_size - 1) // view.chunk_size
-                blocks = tuple(view.block(cnode, i) for i in range(n))
-            out[path] = (child, cnode.mode, cnode.size, cnode.mtime_ns, cnode.uid, cnode.gid,
-                         cnode.target, blocks)
-            if cnode.is_dir:
-                stack.append((path, child))
-        del node
-    return out
 
 
 # -- the socket --------------------------------------------------------------------------------

@@ -198,13 +198,18 @@ def cmd_snapshot(args) -> int:
             print(f"{s['name']:<32} {s['parent'] or '-':<32} {s['delta']:>8} "
                   f"{s['referenced']:>10}  {created}")
     elif args.action == "diff":
-        res = run_op(target, {"op": "diff", "a": args.a, "b": args.b})
+        res = run_op(target, {"op": "diff", "a": args.a, "b": args.b, "chunks": args.chunks})
         if args.json:
             print(json.dumps(res, indent=2))
         else:
-            marks = {"added": "+", "removed": "-", "modified": "M"}
+            marks = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
             for c in res["changes"]:
-                print(f"{marks[c['change']]} {c['path']}")
+                extra = f" (from {c['from']})" if "from" in c else ""
+                print(f"{marks[c['change']]} {c['path']}{extra}")
+            if "chunks" in res:
+                ch = res["chunks"]
+                print(f"changed blocks: {ch['changed_blocks']}; chunks only in {args.a}: "
+                      f"{ch['only_in_a']}, only in {args.b}: {ch['only_in_b']}")
     else:
         run_op(target, {"op": "snapshot-delete", "name": args.name, "force": args.force})
         print(f"deleted snapshot {args.name}")
@@ -262,7 +267,7 @@ def cmd_stats(args) -> int:
 
 
 def cmd_fsck(args) -> int:
-    from snapfs.graph.fsck import fsck
+    from snapfs.fsck import fsck
 
     target = find_target(args.repo)
     if target.mountpoint and control.daemon_alive(target.paths.sock):
@@ -337,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_snapshot, json=False, force=False)
+    c.add_argument("--chunks", action="store_true", help="also count changed blocks and chunks")
+    s.set_defaults(func=cmd_snapshot, json=False, force=False, chunks=False)
 
     s = sub.add_parser("stats", help="accounting figures (the same as .snapfs/stats)")
     s.add_argument("--json", action="store_true")

@@ -60,9 +60,13 @@ def delete_vertex(graph: Graph, vid: int) -> None:
 
 def _merge_rows(graph: Graph, vid: int, child: int) -> None:
     for table, (key, cols) in ROW_TABLES.items():
+        # rows of inodes the child deleted would be dead weight (and name freed chunks)
+        dead = ("" if table in ("inodes", "dirents") else
+                " AND ino NOT IN (SELECT ino FROM inodes WHERE vertex=? AND mode=0)")
+        args = (child, vid, child) if dead else (child, vid)
         graph.cat.write(
             f"INSERT OR IGNORE INTO {table} ({key}, vertex, {cols}) "
-            f"SELECT {key}, ?, {cols} FROM {table} WHERE vertex=?", (child, vid))
+            f"SELECT {key}, ?, {cols} FROM {table} WHERE vertex=?{dead}", args)
 
 
 def _rebase_refs(graph: Graph, w: Vertex, deleted_refs: dict[int, int]) -> None:

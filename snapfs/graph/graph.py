@@ -209,10 +209,7 @@ class Graph:
             raise Refused(f"vertex {draft_id} is already a snapshot")
         if label is None:
             label = self._default_label(draft.volume)
-        check_name("label", label)
-        name = f"{draft.volume}@{label}"
-        if name in self.by_name:
-            raise AlreadyExists(f"snapshot {name} already exists: choose another --label")
+        name = self.check_label(draft.volume, label)
         draft.kind, draft.label = "snapshot", label
         self.cat.write(
             "UPDATE vertices SET kind='snapshot', label=?, name=?, sealed=?, delta=?, "
@@ -233,6 +230,14 @@ class Graph:
                 self.cat.write("DELETE FROM snapshot_drafts WHERE snapshot=?", (snap,))
                 del self.snapshot_drafts[snap]
         return draft
+
+    def check_label(self, volume: str, label: str) -> str:
+        """Validate a label for a new snapshot of volume; returns the snapshot's name."""
+        check_name("label", label)
+        name = f"{volume}@{label}"
+        if name in self.by_name:
+            raise AlreadyExists(f"snapshot {name} already exists: choose another --label")
+        return name
 
     def _default_label(self, volume: str) -> str:
         base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())

@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS dirents (
     PRIMARY KEY (parent, name, vertex)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dirents_by_vertex ON dirents (vertex);
+CREATE INDEX IF NOT EXISTS dirents_by_ino ON dirents (ino);  -- path of an inode (diff)
 CREATE TABLE IF NOT EXISTS blocks (
     ino INTEGER NOT NULL, idx INTEGER NOT NULL, vertex INTEGER NOT NULL, chunk INTEGER NOT NULL,
     PRIMARY KEY (ino, idx, vertex)
@@ -94,7 +95,7 @@ CREATE TABLE IF NOT EXISTS xattrs (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS xattrs_by_vertex ON xattrs (vertex);
 CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a stale id can't name new data
     hash BLOB NOT NULL UNIQUE,
     pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     raw_len INTEGER NOT NULL

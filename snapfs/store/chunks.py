@@ -164,9 +164,13 @@ class ChunkManager:
         finally:
             for _, _, digest, _ in new:
                 self._pending.pop(digest).set()
-        for i in waits:
-            ids[i] = cid = await self.put_hashed(digests[i], payloads[i])
-            self.pinned[cid] += 1
+        try:
+            for i in waits:
+                ids[i] = cid = await self.put_hashed(digests[i], payloads[i])
+                self.pinned[cid] += 1
+        except BaseException:
+            self.unpin([cid for cid in ids if cid is not None])
+            raise
         return ids  # type: ignore[return-value]
 
     def pin(self, ids: list[int]) -> None:

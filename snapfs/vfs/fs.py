@@ -21,7 +21,7 @@ from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
 from snapfs.store.gc import Collector
-from snapfs.vfs.view import Inode, View
+from snapfs.vfs.view import Inode, View, store_buffers
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,18 @@ class Filesystem:
         if self.dirty_bytes() > self.dirty_limit:
             await self.flush_dirty()
 
-    async def flush_dirty(self, view: View | None = None) -> None:
-        """Store every dirty buffer (of one view, or all) as chunks."""
-        for key, (v, node) in list(self._dirty.items()):
-            if view is not None and v is not view:
-                continue
-            await v.flush_data(node)
-            if not node.buffers:
-                self._dirty.pop(key, None)
+    async def flush_dirty(self, view: View | None = None, batch: int = 64) -> None:
+        """Store every dirty buffer (of one view, or all) as chunks, many to a batch."""
+        for _ in range(8):
+            items = [(v, node, idx) for v, node in list(self._dirty.values())
+                     if view is None or v is view for idx in sorted(node.buffers)]
+            if not items:
+                break
+            for i in range(0, len(items), batch):
+                await store_buffers(self.chunks, items[i:i + batch])
+            for key, (_view, node) in list(self._dirty.items()):
+                if not node.buffers:
+                    del self._dirty[key]
 
     def flush_inodes(self, view: View | None = None) -> None:
         views = [view] if view else [*self.volume_views.values(), *self.snapshot_views.values()]
@@ -202,6 +206,9 @@ class Filesystem:
     # -- graph operations that touch views ------------------------------------------------------
     async def commit(self, view: View, label: str | None) -> str:
         """Seal the draft under view into a snapshot; returns the snapshot's name."""
+        if label is not None:
+            self.graph.check_label(view.name().split("@")[0] if view.kind == "snapshot"
+                                   else view.name(), label)
         if view.kind == "snapshot" and view.immutable:
             draft = self.graph.snapshot_draft(view.key, create=True)
         else:

@@ -37,7 +37,11 @@ XATTR_REPLACE = 2
 
 @dataclass(slots=True)
 class DirtyChunk:
-    """A chunk being written in memory; gen changes on every write into it."""
+    """A chunk being written in memory; gen changes on every write into it.
+
+    data is as long as the furthest byte written (at most the chunk size); what lies
+    beyond it reads as zeros. Small files never allocate a whole chunk.
+    """
 
     data: bytearray
     gen: int = 0
@@ -106,7 +110,7 @@ class View:
         self.inodes: dict[int, Inode] = {}
         self.chunk_size = fs.chunk_size
         self.dirty_inodes: set[int] = set()  # inodes whose attributes are not saved yet
-        self._name: str | None = None if kind == "volume" else fs.graph.vertices[key].name
+        self._name: str | None = fs.graph.vertices[key].name if kind == "snapshot" else None
         self.dropped = False  # its vertex was deleted: every request fails with ENOENT
 
     # -- which vertex ------------------------------------------------------------------------
@@ -686,7 +690,7 @@ class View:
             tail = size % self.chunk_size
             if tail:
                 buf = await self.buffer(node, size // self.chunk_size)
-                buf.data[tail:] = bytes(self.chunk_size - tail)
+                del buf.data[tail:]
                 buf.gen += 1
         node.size = size
         self._touch(node)
@@ -704,9 +708,8 @@ class View:
             if buf is not None:
                 return buf
             content = bytearray(data)
-            content.extend(bytes(self.chunk_size - len(content)))
         else:
-            content = bytearray(self.chunk_size)
+            content = bytearray()
         buf = node.buffers[idx] = DirtyChunk(content)
         node.allocated = None
         self.fs.note_dirty(self, node, idx)
@@ -724,7 +727,10 @@ class View:
             stop = min(cs, end - idx * cs)
             buf = node.buffers.get(idx)
             if buf is not None:
-                parts.append(bytes(buf.data[start:stop]))
+                piece = bytes(buf.data[start:stop])
+                if len(piece) < stop - start:  # a buffer holds no trailing zeros
+                    piece += bytes(stop - start - len(piece))
+                parts.append(piece)
             else:
                 chunk = self.block(node, idx)
                 data = await self.fs.chunks.get(chunk) if chunk else b""
@@ -746,7 +752,10 @@ class View:
             stop = min(cs, end - idx * cs)
             whole = start == 0 and (stop == cs or idx * cs >= node.size)
             buf = await self.buffer(node, idx, whole=whole)
-            buf.data[start:stop] = view[pos - offset: pos - offset + stop - start]
+            data_ = buf.data
+            if len(data_) < start:
+                data_.extend(bytes(start - len(data_)))
+            data_[start:stop] = view[pos - offset: pos - offset + stop - start]
             buf.gen += 1
             pos = idx * cs + stop
         if end > node.size:
@@ -759,27 +768,7 @@ class View:
 
     async def flush_blocks(self, node: Inode, idxs: list[int]) -> None:
         """Store dirty buffers as chunks (deduplicated) and point the blocks at them."""
-        cs = self.chunk_size
-        work = []
-        for idx in idxs:
-            buf = node.buffers.get(idx)
-            if buf is None:
-                continue
-            valid = min(cs, max(0, node.size - idx * cs))
-            work.append((idx, buf, buf.gen, bytes(buf.data[:valid]).rstrip(b"\0")))
-        stored = [p for *_, p in work if p]
-        ids = await self.fs.chunks.put_many(stored) if stored else []
-        try:
-            it = iter(ids)
-            for idx, buf, gen, payload in work:
-                chunk = next(it) if payload else 0
-                if node.buffers.get(idx) is not buf or node.deleted:
-                    continue  # truncated away or deleted while we stored it
-                self.set_block(node, idx, chunk)
-                if buf.gen == gen:
-                    del node.buffers[idx]
-        finally:
-            self.fs.chunks.unpin(ids)
+        await store_buffers(self.fs.chunks, [(self, node, idx) for idx in idxs])
 
     async def flush_data(self, node: Inode, batch: int = 64) -> None:
         for _ in range(8):
@@ -788,3 +777,47 @@ class View:
             idxs = sorted(node.buffers)
             for i in range(0, len(idxs), batch):
                 await self.flush_blocks(node, idxs[i:i + batch])
+
+
+async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
+    """Store a batch of dirty buffers, of any inodes and views, with one put_many.
+
+    Small files are stored many to a batch: one thread hop for hashing and one for the
+    pack write serve them all. A buffer written again while it was being stored stays
+    dirty; one truncated away or deleted meanwhile is dropped.
+    """
+    work = []
+    for view, node, idx in items:
+        buf = node.buffers.get(idx)
+        if buf is None:
+            continue
+        cs = view.chunk_size
+        valid = min(cs, max(0, node.size - idx * cs))
+        work.append((view, node, idx, buf, buf.gen, bytes(buf.data[:valid]).rstrip(b"\0")))
+    stored = [w[5] for w in work if w[5]]
+    ids = await chunks.put_many(stored) if stored else []
+    try:
+        it = iter(ids)
+        for view, node, idx, buf, gen, payload in work:
+            chunk = next(it) if payload else 0
+            if node.buffers.get(idx) is not buf or node.deleted or view.dropped:
+                continue
+            view.set_block(node, idx, chunk)
+            if buf.gen == gen:
+                del node.buffers[idx]
+    finally:
+        chunks.unpin(ids)
+
+
+class PinnedView(View):
+    """A read-only view of exactly one vertex, whatever its kind (fsck, diff, export)."""
+
+    def __init__(self, fs: Filesystem, vid: int) -> None:
+        super().__init__(fs, "pinned", vid)
+
+    @property
+    def vertex_id(self) -> int:
+        return self.key
+
+    def draft_id(self) -> int:
+        raise FsError(errno.EROFS)

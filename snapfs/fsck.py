@@ -25,7 +25,7 @@ from snapfs.repository import Repository
 from snapfs.store.packs import verify_record
 from snapfs.types import ROOT_INO, ChunkLocation
 from snapfs.vfs.fs import Filesystem
-from snapfs.vfs.view import View
+from snapfs.vfs.view import PinnedView, View
 
 
 def fsck(path: str, *, repair: bool = False, out: Callable[[str], None] | None = None) -> list[str]:
@@ -108,23 +108,12 @@ def tree_counts(view: View) -> Counter:
     return counts
 
 
-class _Pinned(View):
-    """A read-only View pinned to one vertex, whatever its kind."""
-
-    def __init__(self, fs: Filesystem, vid: int) -> None:
-        super().__init__(fs, "pinned", vid)
-
-    @property
-    def vertex_id(self) -> int:
-        return self.key
-
-
 def check_accounting(fs: Filesystem) -> list[str]:
     g: Graph = fs.graph
     problems = []
     counts: dict[int, Counter] = {}
     for vid in sorted(g.vertices, key=lambda v: len(g.chain(v))):
-        counts[vid] = tree_counts(_Pinned(fs, vid))
+        counts[vid] = tree_counts(PinnedView(fs, vid))
     stored_refs: dict[int, dict[int, tuple[int, int]]] = {}
     for vid, chunk, refs, presence in fs.cat.execute(
             "SELECT vertex, chunk, refs, presence FROM vertex_chunks"):

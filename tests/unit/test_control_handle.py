@@ -1,0 +1,159 @@
+"""Repository operations shared by the CLI and the daemon (snapfs/control.py handle())."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from unithelpers import CHUNK as CS
+from unithelpers import pattern, trio_test, write_file
+
+from snapfs import control
+from snapfs.errors import AlreadyExists, NotFound, UsageError
+from snapfs.types import ROOT_INO
+
+A, B, C = pattern(CS, seed=1), pattern(CS, seed=2), pattern(CS, seed=3)
+
+
+async def call(fs, **req):
+    result = await control.handle(fs, req)
+    json.dumps(result)  # every answer goes over the socket as JSON
+    return result
+
+
+@trio_test
+async def test_volume_create_and_list(fs):
+    assert (await call(fs, op="volume-list")) == {"volumes": []}
+    res = await call(fs, op="volume-create", name="home")
+    assert res["volume"] == "home" and res["draft"] == fs.graph.volumes["home"]
+    await call(fs, op="volume-create", name="alpha")
+    vols = (await call(fs, op="volume-list"))["volumes"]
+    assert [v["name"] for v in vols] == ["alpha", "home"]
+    assert vols[1] == {"name": "home", "head": None, "draft_delta": 0}
+    with pytest.raises(AlreadyExists):
+        await call(fs, op="volume-create", name="home")
+    with pytest.raises(UsageError):
+        await call(fs, op="volume-create", name="a@b")
+    with pytest.raises(NotFound):
+        await call(fs, op="volume-create", name="c", **{"from": "home@nothing"})
+    # volume-create commits the catalog: visible to another connection at once
+    import sqlite3
+
+    con = sqlite3.connect(fs.repo.paths.db)
+    try:
+        assert {r[0] for r in con.execute("SELECT name FROM volumes")} == {"alpha", "home"}
+    finally:
+        con.close()
+
+
+async def history(fs):
+    """v: s1 = file f [A, B]; s2 = f [A, C]; a clone w of s1; the draft of v writes [A, C, B]."""
+    await call(fs, op="volume-create", name="v")
+    view = fs.volume_view("v")
+    f = await write_file(view, b"f", A + B)
+    await call(fs, op="commit", where="v", label="s1")
+    await view.write(f, CS, C)
+    await call(fs, op="commit", where="v/", label="s2")
+    await call(fs, op="volume-create", name="w", **{"from": "v@s1"})
+    await view.write(f, 2 * CS, B)
+    return view
+
+
+@trio_test
+async def test_commit_where_and_snapshot_list(fs):
+    await history(fs)
+    snaps = (await call(fs, op="snapshot-list"))["snapshots"]
+    assert [(s["name"], s["parent"], s["delta"], s["referenced"]) for s in snaps] == [
+        ("v@s1", None, 2, 2), ("v@s2", "v@s1", 1, 2)]
+    assert all(isinstance(s["created"], float) and s["id"] > 0 for s in snaps)
+    res = await call(fs, op="commit", where="./v/sub/dir", label="s3")
+    assert res == {"snapshot": "v@s3"}
+    res = await call(fs, op="commit", where=".snapshots/v@s1", label="b1")
+    assert res == {"snapshot": "v@b1"}
+    assert fs.graph.snapshot("v@b1").parent == fs.graph.snapshot("v@s1").id
+    vols = {v["name"]: v for v in (await call(fs, op="volume-list"))["volumes"]}
+    assert vols["v"]["head"] == "v@s3" and vols["w"]["head"] == "v@s1"
+
+
+@pytest.mark.parametrize("where", ["", ".", "/", ".snapshots", ".snapfs", ".snapfs/stats"])
+@trio_test
+async def test_commit_where_errors(fs, where):
+    await call(fs, op="volume-create", name="v")
+    with pytest.raises(UsageError):
+        await call(fs, op="commit", where=where, label="x")
+
+
+@trio_test
+async def test_commit_of_unknown_things(fs):
+    with pytest.raises(NotFound):
+        await call(fs, op="commit", where="nothing", label="x")
+    with pytest.raises(NotFound):
+        await call(fs, op="commit", where=".snapshots/v@nothing", label="x")
+
+
+@trio_test
+async def test_stats_figures(fs):
+    await history(fs)
+    stats = await call(fs, op="stats")  # flushes the draft's dirty data first
+    t = stats["totals"]
+    # chunks: A, B, C. s1 holds {A, B}; s2 {A, C}; draft of v {A, B, C}; w (a clone of s1)
+    assert stats["chunk_size"] == CS
+    assert (t["snapshots"], t["drafts"], t["volumes"]) == (2, 2, 2)
+    assert t["unique_chunks"] == 3 and t["unique_bytes"] == 3 * CS
+    assert t["sum_delta"] == 2 + 1 + 1 + 0  # B counted twice: s1 and the draft of v
+    assert t["sum_delta_snapshots"] == 3
+    assert t["stored_chunks"] == 3 and t["garbage_chunks"] == 0
+    assert t["stored_bytes"] > 3 * CS  # pack headers and record overheads
+    per = {s["name"]: s for s in stats["snapshots"]}
+    assert (per["v@s1"]["delta"], per["v@s1"]["referenced"], per["v@s1"]["exclusive"]) == (
+        2, 2, 0)  # A and B live on elsewhere
+    assert (per["v@s2"]["delta"], per["v@s2"]["exclusive"], per["v@s2"]["parent"]) == (
+        1, 0, "v@s1")
+    assert stats["volumes"]["v"]["head"] == "v@s2"
+    assert stats["volumes"]["v"]["draft_delta"] == 1
+    assert stats["volumes"]["w"]["draft_delta"] == 0
+    assert stats["volumes"]["v"]["unique_chunks"] == 3
+
+
+@trio_test
+async def test_stats_reclaim(fs):
+    view = await history(fs)
+    view.unlink(ROOT_INO, b"f")  # now only the snapshots and w hold anything
+    res = await call(fs, op="stats", reclaim="v@s2")
+    assert res["reclaim"] == {"snapshots": ["v@s2"], "chunks": 1, "bytes": CS}  # C
+    res = await call(fs, op="stats", reclaim="v@s1..v@s2")
+    assert res["reclaim"]["chunks"] == 1  # w (a clone of s1) still holds A and B
+    res = await call(fs, op="stats", reclaim="v@s1, v@s2")
+    assert res["reclaim"]["chunks"] == 1
+    with pytest.raises(UsageError, match="ancestor"):
+        await call(fs, op="stats", reclaim="v@s2..v@s1")
+    with pytest.raises(NotFound):
+        await call(fs, op="stats", reclaim="v@nothing")
+
+
+@trio_test
+async def test_diff(fs):
+    await call(fs, op="volume-create", name="v")
+    view = fs.volume_view("v")
+    await write_file(view, b"gone", b"1")
+    await write_file(view, b"changed", b"2")
+    await write_file(view, b"same", b"3")
+    await call(fs, op="commit", where="v", label="a")
+    view.unlink(ROOT_INO, b"gone")
+    await view.write(view.lookup(ROOT_INO, b"changed"), 0, b"X")
+    await write_file(view, b"new", b"4")
+    await call(fs, op="commit", where="v", label="b")
+    res = await call(fs, op="diff", a="v@a", b="v@b")
+    assert res["a"] == "v@a" and res["b"] == "v@b"
+    assert res["changes"] == [{"change": "modified", "path": "/changed"},
+                              {"change": "removed", "path": "/gone"},
+                              {"change": "added", "path": "/new"}]
+    assert (await call(fs, op="diff", a="v@b", b="v@b"))["changes"] == []
+    with pytest.raises(NotFound):
+        await call(fs, op="diff", a="v@a", b="v@zzz")
+
+
+@trio_test
+async def test_unknown_operation(fs):
+    with pytest.raises(UsageError, match="unknown operation"):
+        await call(fs, op="explode")

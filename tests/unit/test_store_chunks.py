@@ -1,0 +1,284 @@
+"""ChunkManager: identity, deduplication, the index, the cache and integrity
+(snapfs/store/chunks.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+import pytest
+import trio
+
+from snapfs.errors import IntegrityError
+from snapfs.store.catalog import Catalog
+from snapfs.store.chunks import ChunkCache, ChunkManager
+from snapfs.store.packs import RECORD_OVERHEAD, PackStore, pack_name
+
+KEY = bytes(range(32))
+
+
+class Store:
+    """A catalog, a pack store and a chunk manager in one directory."""
+
+    def __init__(self, root, key: bytes = KEY, cache_bytes: int = 1 << 20) -> None:
+        self.root = str(root)
+        os.makedirs(self.root, exist_ok=True)
+        self.cat = Catalog(os.path.join(self.root, "meta.db"))
+        self.packs = PackStore(os.path.join(self.root, "packs"), writable=True)
+        self.cm = ChunkManager(self.cat, self.packs, key, cache_bytes=cache_bytes)
+
+    def rows(self) -> int:
+        return self.cat.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+
+    def records_bytes(self) -> int:
+        return sum(self.packs.pack_size(p) for p in self.packs.pack_ids())
+
+    def fresh_manager(self, cache_bytes: int = 1 << 20) -> ChunkManager:
+        """Another manager over the same index and packs, with an empty cache."""
+        return ChunkManager(self.cat, self.packs, KEY, cache_bytes=cache_bytes)
+
+    def damage(self, cid: int, at: int = 0) -> None:
+        pack, offset = self.cat.execute("SELECT pack, offset FROM chunks WHERE id=?",
+                                        (cid,)).fetchone()
+        self.packs.sync()
+        with open(os.path.join(self.packs.directory, pack_name(pack)), "r+b") as f:
+            f.seek(offset + RECORD_OVERHEAD + at)
+            b = f.read(1)
+            f.seek(offset + RECORD_OVERHEAD + at)
+            f.write(bytes([b[0] ^ 1]))
+
+    def close(self) -> None:
+        self.cat.close()
+        self.packs.close()
+
+
+@pytest.fixture
+def st(tmp_path):
+    s = Store(tmp_path / "s")
+    yield s
+    s.close()
+
+
+def test_identity_is_keyed_hmac_sha256(st, tmp_path):
+    payload = b"some chunk"
+    assert st.cm.identity(payload) == hmac.digest(KEY, payload, "sha256")
+    assert st.cm.identity(payload) != hashlib.sha256(payload).digest()  # keyed, not bare
+    other = ChunkManager(st.cat, st.packs, b"\x01" * 32)
+    assert other.identity(payload) != st.cm.identity(payload)
+    assert st.cm.identity(b"a") != st.cm.identity(b"b")
+
+
+def test_put_dedups_same_payload(st):
+    async def main():
+        a1 = await st.cm.put(b"A" * 1000)
+        size = st.records_bytes()
+        a2 = await st.cm.put(b"A" * 1000)
+        b = await st.cm.put(b"B" * 1000)
+        return a1, a2, b, size
+
+    a1, a2, b, size_after_a = trio.run(main)
+    assert a1 == a2 != b
+    assert st.rows() == 2
+    assert st.records_bytes() == size_after_a + RECORD_OVERHEAD + 1000  # one record for B only
+    row = st.cat.execute("SELECT hash, raw_len, pack FROM chunks WHERE id=?", (a1,)).fetchone()
+    assert row == (st.cm.identity(b"A" * 1000), 1000, 1)
+
+
+def test_put_sync_and_put_agree(st):
+    cid = st.cm.put_sync(b"sync payload")
+    assert st.cm.put_sync(b"sync payload") == cid
+    assert trio.run(st.cm.put, b"sync payload") == cid
+    assert st.cm.get_sync(cid) == b"sync payload"
+    assert st.rows() == 1
+
+
+def test_different_keys_do_not_share_identities(tmp_path):
+    """Two repositories with different id keys store the same content under different
+    identities (nobody can tell equal chunks across repositories)."""
+    a, b = Store(tmp_path / "a"), Store(tmp_path / "b", key=b"k" * 32)
+    try:
+        ca = trio.run(a.cm.put, b"same")
+        cb = trio.run(b.cm.put, b"same")
+        ha = a.cat.execute("SELECT hash FROM chunks WHERE id=?", (ca,)).fetchone()[0]
+        hb = b.cat.execute("SELECT hash FROM chunks WHERE id=?", (cb,)).fetchone()[0]
+        assert ha != hb
+    finally:
+        a.close()
+        b.close()
+
+
+def test_concurrent_puts_of_the_same_new_content_share_one_record(st):
+    payload = os.urandom(3000)
+    ids: list[int] = []
+
+    async def put_one():
+        ids.append(await st.cm.put(payload))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(put_one)
+
+    trio.run(main)
+    assert len(ids) == 12 and len(set(ids)) == 1
+    assert st.rows() == 1
+    assert st.records_bytes() == 16 + RECORD_OVERHEAD + 3000  # pack header + one record
+    assert not st.cm._pending
+    assert trio.run(st.fresh_manager().get, ids[0]) == payload
+
+
+def test_put_many_dedups_within_and_across_batches(st):
+    async def main():
+        first = await st.cm.put_many([b"x" * 10, b"y" * 10, b"x" * 10, b"z" * 10])
+        second = await st.cm.put_many([b"y" * 10, b"w" * 10])
+        return first, second
+
+    first, second = trio.run(main)
+    assert first[0] == first[2]
+    assert len({first[0], first[1], first[3]}) == 3
+    assert second[0] == first[1]
+    assert st.rows() == 4
+    fresh = st.fresh_manager()
+    for cid, p in zip(first + second, [b"x", b"y", b"x", b"z", b"y", b"w"], strict=True):
+        assert fresh.get_sync(cid) == p * 10
+
+
+def test_put_many_concurrent_with_put(st):
+    payloads = [bytes([i]) * 500 for i in range(1, 9)]
+    results: dict[str, list[int]] = {}
+
+    async def many(tag):
+        results[tag] = await st.cm.put_many(payloads)
+
+    async def singles():
+        results["single"] = [await st.cm.put(p) for p in reversed(payloads)][::-1]
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(many, "a")
+            nursery.start_soon(singles)
+            nursery.start_soon(many, "b")
+
+    trio.run(main)
+    assert results["a"] == results["b"] == results["single"]
+    assert st.rows() == len(payloads)
+    assert st.records_bytes() == 16 + len(payloads) * (RECORD_OVERHEAD + 500)
+
+
+def test_get_verifies_and_caches(st, monkeypatch):
+    cid = trio.run(st.cm.put, b"cached content")
+    fresh = st.fresh_manager()
+    assert fresh.cache.get(cid) is None
+    assert trio.run(fresh.get, cid) == b"cached content"
+    assert fresh.cache.get(cid) == b"cached content"
+
+    def no_reads(*args):
+        raise AssertionError("a cached chunk must not be read from the pack")
+
+    monkeypatch.setattr(st.packs, "read", no_reads)
+    assert trio.run(fresh.get, cid) == b"cached content"
+
+
+def test_damaged_record_raises_integrity_error(st):
+    cid = trio.run(st.cm.put, b"important data" * 10)
+    st.damage(cid, at=3)
+    fresh = st.fresh_manager()
+    with pytest.raises(IntegrityError) as exc:
+        trio.run(fresh.get, cid)
+    assert f"chunk {cid}" in str(exc.value)
+    assert fresh.cache.get(cid) is None  # damaged data is never cached
+    with pytest.raises(IntegrityError):
+        trio.run(fresh.get, cid)  # and stays an error
+    with pytest.raises(IntegrityError):
+        fresh.get_sync(cid)
+
+
+def test_cache_does_not_hide_damage_of_an_uncached_chunk(tmp_path):
+    s = Store(tmp_path / "s", cache_bytes=1000)  # room for one 1000-byte chunk
+    try:
+        async def main():
+            return await s.cm.put(b"a" * 1000), await s.cm.put(b"b" * 1000)
+
+        a, b = trio.run(main)
+        assert s.cm.cache.get(a) is None and s.cm.cache.get(b) == b"b" * 1000
+        s.damage(a, at=999)
+        with pytest.raises(IntegrityError):
+            trio.run(s.cm.get, a)
+        assert trio.run(s.cm.get, b) == b"b" * 1000  # the cached, verified one still reads
+    finally:
+        s.close()
+
+
+def test_unknown_chunk_id(st):
+    with pytest.raises(IntegrityError, match="not in the chunk index"):
+        trio.run(st.cm.get, 12345)
+    with pytest.raises(IntegrityError):
+        st.cm.location(12345)
+
+
+def test_failed_append_leaves_no_dangling_index_row(st, monkeypatch):
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(st.packs, "append", disk_full)
+    monkeypatch.setattr(st.packs, "append_many", disk_full)
+    with pytest.raises(OSError):
+        trio.run(st.cm.put, b"never stored")
+    with pytest.raises(OSError):
+        trio.run(st.cm.put_many, [b"never stored either"])
+    # no index row points at a record that was never written (a placeholder with pack -1
+    # may stay: it is reused by the next write of the same content)
+    assert st.cat.execute("SELECT COUNT(*) FROM chunks WHERE pack >= 0").fetchone() == (0,)
+    assert not st.cm._pending and not st.cm.pinned
+    monkeypatch.undo()
+    cid = trio.run(st.cm.put, b"never stored")  # works once the disk has room again
+    assert trio.run(st.fresh_manager().get, cid) == b"never stored"
+
+
+def _leave_interrupted_row(st: Store, payload: bytes) -> None:
+    """What a daemon killed between the index insert and the pack append leaves behind:
+    put_hashed inserts the row with pack=-1 and awaits the append in a worker thread; a
+    group commit running meanwhile commits the row; then the process dies."""
+    st.cat.write("INSERT INTO chunks (hash, pack, offset, length, raw_len) VALUES (?,-1,0,0,?)",
+                 (st.cm.identity(payload), len(payload)))
+    st.cat.commit()
+
+
+def test_put_after_an_interrupted_write_of_the_same_content(st):
+    payload = b"content being written when the daemon was killed"
+    _leave_interrupted_row(st, payload)
+    cm = st.fresh_manager()  # the next daemon
+    cid = trio.run(cm.put, payload)
+    assert trio.run(st.fresh_manager().get, cid) == payload
+
+
+def test_put_many_after_an_interrupted_write_of_the_same_content(st):
+    payload = b"batch content being written when the daemon was killed"
+    _leave_interrupted_row(st, payload)
+    [cid] = trio.run(st.fresh_manager().put_many, [payload])
+    assert trio.run(st.fresh_manager().get, cid) == payload
+
+
+def test_put_sync_after_an_interrupted_write_of_the_same_content(st):
+    payload = b"sync content being written when the process was killed"
+    _leave_interrupted_row(st, payload)
+    cid = st.fresh_manager().put_sync(payload)
+    assert st.fresh_manager().get_sync(cid) == payload
+
+
+def test_chunk_cache_is_a_byte_bounded_lru():
+    c = ChunkCache(10)
+    c.put(1, b"aaaa")
+    c.put(2, b"bbbb")
+    assert c.get(1) == b"aaaa"  # 1 is now the most recent
+    c.put(3, b"cccc")  # evicts 2, the least recently used
+    assert c.get(2) is None and c.get(1) == b"aaaa" and c.get(3) == b"cccc"
+    assert c.size == 8
+    c.put(3, b"cccc")  # already there: no double counting
+    assert c.size == 8
+    c.drop(1)
+    c.drop(1)
+    assert c.size == 4 and c.get(1) is None
+    c.put(4, b"x" * 11)  # larger than the whole cache: not kept
+    assert c.size <= 10 and c.get(4) is None

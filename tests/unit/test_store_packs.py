@@ -1,0 +1,319 @@
+"""PackStore: append-only pack files of checksummed chunk records (snapfs/store/packs.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from snapfs.errors import IntegrityError, SnapfsError
+from snapfs.store import packs as packs_mod
+from snapfs.store.packs import (
+    PACK_HEADER,
+    RECORD_OVERHEAD,
+    PackStore,
+    pack_name,
+)
+from snapfs.types import ChunkLocation
+
+
+def pack_path(store: PackStore, pack_id: int) -> str:
+    return os.path.join(store.directory, pack_name(pack_id))
+
+
+def flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x41]))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = PackStore(str(tmp_path / "packs"), writable=True)
+    yield s
+    s.close()
+
+
+def test_append_read_round_trip(store):
+    payloads = [b"a", b"hello world" * 100, bytes(range(256)) * 16, b"\0tail\0"]
+    locs = [store.append(100 + i, p, len(p), 0) for i, p in enumerate(payloads)]
+    assert locs[0] == ChunkLocation(1, PACK_HEADER.size, RECORD_OVERHEAD + len(payloads[0]))
+    for prev, loc in zip(locs, locs[1:], strict=False):
+        assert loc.pack == 1
+        assert loc.offset == prev.offset + prev.length  # records are contiguous
+    for i, (p, loc) in enumerate(zip(payloads, locs, strict=True)):
+        assert store.read(100 + i, loc) == (p, 0)
+    assert store.pack_size(1) == locs[-1].offset + locs[-1].length
+
+
+def test_flags_are_stored_and_returned(store):
+    loc = store.append(5, b"sealed", 6, packs_mod.FLAG_ENCRYPTED)
+    assert store.read(5, loc) == (b"sealed", packs_mod.FLAG_ENCRYPTED)
+
+
+def test_append_many_round_trip_and_contiguous(store):
+    items = [(i, bytes([i]) * (i * 37 + 1), i * 37 + 1, i % 2) for i in range(1, 20)]
+    locs = store.append_many(items)
+    assert len(locs) == len(items)
+    for (cid, p, raw, flags), loc in zip(items, locs, strict=True):
+        assert store.read(cid, loc) == (p, flags)
+        assert store.read_record(cid, loc) == (p, raw, flags)
+    for prev, loc in zip(locs, locs[1:], strict=False):
+        assert loc.offset == prev.offset + prev.length
+    single = store.append(99, b"after", 5, 0)
+    assert single.offset == locs[-1].offset + locs[-1].length
+    assert store.read(99, single) == (b"after", 0)
+
+
+def test_every_flipped_byte_of_a_record_is_detected(store):
+    """Any single damaged byte in a record (header, checksum or payload) -> IntegrityError
+    naming the chunk and the pack; never data."""
+    payload = b"payload-bytes-0123456789"
+    store.append(1, b"before", 6, 0)
+    loc = store.append(7, payload, len(payload), 0)
+    store.append(2, b"after", 5, 0)
+    store.sync()
+    path = pack_path(store, loc.pack)
+    for i in range(loc.length):
+        flip_byte(path, loc.offset + i)
+        with pytest.raises(IntegrityError) as exc:
+            store.read(7, loc)
+        msg = str(exc.value)
+        assert "chunk 7" in msg and pack_name(loc.pack) in msg, msg
+        flip_byte(path, loc.offset + i)  # flip back
+        assert store.read(7, loc) == (payload, 0)
+
+
+def test_damage_is_detected_by_a_fresh_reader(store, tmp_path):
+    loc = store.append(3, b"x" * 1000, 1000, 0)
+    store.close()
+    flip_byte(pack_path(store, 1), loc.offset + RECORD_OVERHEAD + 500)
+    reader = PackStore(store.directory, writable=False)
+    try:
+        with pytest.raises(IntegrityError, match="checksum"):
+            reader.read(3, loc)
+    finally:
+        reader.close()
+
+
+def test_truncated_record(store):
+    loc = store.append(4, b"z" * 300, 300, 0)
+    store.sync()
+    os.truncate(pack_path(store, 1), loc.offset + loc.length - 10)
+    with pytest.raises(IntegrityError, match="truncated") as exc:
+        store.read(4, loc)
+    assert "chunk 4" in str(exc.value) and pack_name(1) in str(exc.value)
+    os.truncate(pack_path(store, 1), loc.offset + 5)  # not even a header left
+    with pytest.raises(IntegrityError, match="truncated"):
+        store.read(4, loc)
+
+
+def test_wrong_chunk_id_or_wrong_location(store):
+    a = store.append(10, b"aaaa", 4, 0)
+    b = store.append(11, b"bbbb", 4, 0)
+    with pytest.raises(IntegrityError) as exc:
+        store.read(11, a)  # the index points chunk 11 at chunk 10's record
+    assert "chunk 11" in str(exc.value)
+    with pytest.raises(IntegrityError):
+        store.read(10, ChunkLocation(1, a.offset, a.length + 1))  # wrong length
+    with pytest.raises(IntegrityError):
+        store.read(10, ChunkLocation(1, a.offset + 1, a.length))  # not a record start
+    with pytest.raises(IntegrityError, match="missing"):
+        store.read(10, ChunkLocation(42, a.offset, a.length))  # no such pack
+    assert store.read(11, b) == (b"bbbb", 0)
+
+
+def test_pack_rotation_at_pack_limit(tmp_path):
+    rec = RECORD_OVERHEAD + 100
+    limit = PACK_HEADER.size + 3 * rec  # exactly three records per pack
+    s = PackStore(str(tmp_path / "p"), writable=True, pack_limit=limit)
+    try:
+        locs = [s.append(i, bytes([i]) * 100, 100, 0) for i in range(1, 8)]
+        assert [loc.pack for loc in locs] == [1, 1, 1, 2, 2, 2, 3]
+        assert s.current_pack == 3
+        assert s.pack_ids() == [1, 2, 3]
+        assert s.pack_size(1) == limit and s.pack_size(2) == limit
+        for i, loc in enumerate(locs, 1):
+            assert s.read(i, loc) == (bytes([i]) * 100, 0)
+        big = s.append(50, b"B" * (2 * limit), 2 * limit, 0)  # larger than a pack: own pack
+        assert big.pack == 4 and big.offset == PACK_HEADER.size
+        assert s.read(50, big)[0] == b"B" * (2 * limit)
+        after = s.append(51, b"c", 1, 0)
+        assert after.pack == 5
+    finally:
+        s.close()
+
+
+def test_append_many_rotates_like_append(tmp_path):
+    rec = RECORD_OVERHEAD + 100
+    limit = PACK_HEADER.size + 3 * rec
+    s = PackStore(str(tmp_path / "p"), writable=True, pack_limit=limit)
+    try:
+        s.append(1, b"\1" * 100, 100, 0)
+        locs = s.append_many([(i, bytes([i]) * 100, 100, 0) for i in range(2, 9)])
+        assert [loc.pack for loc in locs] == [1, 1, 2, 2, 2, 3, 3]
+        for i, loc in zip(range(2, 9), locs, strict=True):
+            assert s.read(i, loc) == (bytes([i]) * 100, 0)
+        assert all(s.pack_size(p) <= limit for p in (1, 2, 3))
+    finally:
+        s.close()
+
+
+def test_each_writer_starts_a_new_pack(tmp_path):
+    d = str(tmp_path / "p")
+    first = PackStore(d, writable=True)
+    a = first.append(1, b"one", 3, 0)
+    first.close()
+    second = PackStore(d, writable=True)
+    try:
+        b = second.append(2, b"two", 3, 0)
+        assert (a.pack, b.pack) == (1, 2)
+        assert b.offset == PACK_HEADER.size
+        assert second.read(1, a) == (b"one", 0)  # the old pack is still readable
+        assert second.read(2, b) == (b"two", 0)
+        # the old pack was not appended to
+        assert second.pack_size(1) == a.offset + a.length
+    finally:
+        second.close()
+
+
+def test_pack_header(store):
+    store.append(1, b"x", 1, 0)
+    with open(pack_path(store, 1), "rb") as f:
+        magic, version, pack_id = PACK_HEADER.unpack(f.read(PACK_HEADER.size))
+    assert (magic, version, pack_id) == (packs_mod.PACK_MAGIC, packs_mod.PACK_VERSION, 1)
+    assert os.stat(pack_path(store, 1)).st_mode & 0o777 == 0o600
+
+
+def _record_syncs(monkeypatch) -> list[str]:
+    """Paths of the files fsync'ed/fdatasync'ed from now on."""
+    synced: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def rec(real):
+        def wrapper(fd):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return real(fd)
+        return wrapper
+
+    monkeypatch.setattr(os, "fsync", rec(real_fsync))
+    monkeypatch.setattr(os, "fdatasync", rec(real_fdatasync))
+    return synced
+
+
+def test_sync_fdatasyncs_only_when_needed(store, monkeypatch):
+    store.append(1, b"x", 1, 0)
+    synced = _record_syncs(monkeypatch)
+    store.sync()
+    assert synced == [pack_path(store, 1)]
+    store.sync()  # nothing new: no second fdatasync
+    assert synced == [pack_path(store, 1)]
+    store.append(2, b"y", 1, 0)
+    store.sync()
+    assert synced == [pack_path(store, 1)] * 2
+
+
+def test_rotation_by_append_syncs_the_old_pack(tmp_path, monkeypatch):
+    rec = RECORD_OVERHEAD + 100
+    s = PackStore(str(tmp_path / "p"), writable=True, pack_limit=PACK_HEADER.size + 2 * rec)
+    try:
+        s.append(1, b"a" * 100, 100, 0)
+        s.sync()
+        synced = _record_syncs(monkeypatch)
+        s.append(2, b"b" * 100, 100, 0)  # fills pack 1
+        s.append(3, b"c" * 100, 100, 0)  # rotates to pack 2
+        s.sync()
+        assert pack_path(s, 1) in synced, "record 2 in pack 1 was never made durable"
+    finally:
+        s.close()
+
+
+def test_rotation_inside_append_many_syncs_the_old_pack(tmp_path, monkeypatch):
+    """Records written to a pack before append_many rotates away from it must be
+    fdatasync'ed before sync() returns: sync() only syncs the current pack."""
+    rec = RECORD_OVERHEAD + 100
+    s = PackStore(str(tmp_path / "p"), writable=True, pack_limit=PACK_HEADER.size + 2 * rec)
+    try:
+        s.append(1, b"a" * 100, 100, 0)
+        s.sync()  # pack 1 is clean
+        synced = _record_syncs(monkeypatch)
+        # record 2 still fits in pack 1, record 3 goes to pack 2
+        locs = s.append_many([(2, b"b" * 100, 100, 0), (3, b"c" * 100, 100, 0)])
+        assert [loc.pack for loc in locs] == [1, 2]
+        s.sync()
+        assert pack_path(s, 1) in synced, (
+            "record 2 went into pack 1 and pack 1 was closed without fsync: "
+            f"synced only {synced}")
+    finally:
+        s.close()
+
+
+def test_read_only_store_refuses_append(tmp_path):
+    d = str(tmp_path / "p")
+    w = PackStore(d, writable=True)
+    loc = w.append(1, b"data", 4, 0)
+    w.close()
+    r = PackStore(d, writable=False)
+    try:
+        with pytest.raises(SnapfsError):
+            r.append(2, b"more", 4, 0)
+        with pytest.raises(SnapfsError):
+            r.append_many([(2, b"more", 4, 0)])
+        assert r.pack_ids() == [1]  # no pack was created
+        assert r.read(1, loc) == (b"data", 0)
+    finally:
+        r.close()
+
+
+def test_records_survive_reopening(tmp_path):
+    d = str(tmp_path / "p")
+    s = PackStore(d, writable=True, pack_limit=PACK_HEADER.size + 2 * (RECORD_OVERHEAD + 50))
+    locs = {i: s.append(i, bytes([i]) * 50, 50, 0) for i in range(1, 6)}
+    s.close()
+    s2 = PackStore(d, writable=False)
+    try:
+        assert s2.pack_ids() == [1, 2, 3]
+        for i, loc in locs.items():
+            assert s2.read(i, loc) == (bytes([i]) * 50, 0)
+    finally:
+        s2.close()
+
+
+def test_reads_work_after_close(store):
+    loc = store.append(1, b"abc", 3, 0)
+    store.read(1, loc)
+    store.close()
+    assert store.read(1, loc) == (b"abc", 0)  # read fds are reopened on demand
+
+
+def test_store_recovers_after_a_failed_pack_creation(tmp_path, monkeypatch):
+    """A transient ENOSPC while creating the next pack must not break the store for good
+    (and it must never leave the store using a file descriptor it already closed)."""
+    rec = RECORD_OVERHEAD + 10
+    s = PackStore(str(tmp_path / "p"), writable=True, pack_limit=PACK_HEADER.size + rec)
+    try:
+        first = s.append(1, b"0123456789", 10, 0)  # pack 1 is now full
+        real_open = os.open
+
+        def no_space(path, flags, *args, **kwargs):
+            if str(path).endswith(".pack") and flags & os.O_CREAT:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", no_space)
+        with pytest.raises(OSError):
+            s.append(2, b"abcdefghij", 10, 0)
+        monkeypatch.setattr(os, "open", real_open)
+        loc = s.append(3, b"ABCDEFGHIJ", 10, 0)  # space is back
+        s.sync()
+        assert s.read(3, loc) == (b"ABCDEFGHIJ", 0)
+        assert s.read(1, first) == (b"0123456789", 0)
+    finally:
+        monkeypatch.undo()
+        try:
+            s.close()
+        except OSError:
+            pass

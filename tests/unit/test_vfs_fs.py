@@ -1,0 +1,569 @@
+"""The filesystem of one repository without the kernel: commit, snapshots, drafts, clones,
+persistence and durability ordering (snapfs/vfs/fs.py over snapfs/vfs/view.py)."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+from unithelpers import CHUNK as CS
+from unithelpers import (
+    assert_gone,
+    close_and_fsck,
+    mkfile,
+    names,
+    pattern,
+    read_all,
+    read_path,
+    trio_test,
+    write_file,
+)
+
+from snapfs.errors import AlreadyExists, UsageError
+from snapfs.repository import Repository
+from snapfs.types import ROOT_INO
+from snapfs.vfs.fs import Filesystem
+
+
+async def populate(view) -> dict:
+    """A small tree; returns what it holds."""
+    a = pattern(2 * CS + 10, seed=1)
+    b = pattern(100, seed=2)
+    await write_file(view, b"a", a)
+    d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await write_file(view, b"b", b, d.ino)
+    view.symlink(ROOT_INO, b"s", b"a", 0, 0)
+    view.setxattr(view.lookup(ROOT_INO, b"a").ino, b"user.k", b"v1")
+    return {"a": a, "b": b}
+
+
+async def reopen(fs: Filesystem) -> Filesystem:
+    path = fs.repo.paths.root
+    await fs.sync()
+    fs.repo.close()
+    return Filesystem(Repository(path))
+
+
+# -- snapshots are immutable -------------------------------------------------------------------
+
+
+@trio_test
+async def test_snapshot_is_never_modified_by_writes_to_the_volume(fs, view):
+    content = await populate(view)
+    assert await fs.commit(view, "s1") == "v@s1"
+    a = view.lookup(ROOT_INO, b"a")
+    await view.write(a, CS - 5, b"CHANGED-ACROSS-A-BOUNDARY")
+    await view.setattr(a.ino, mode=0o600)
+    view.setxattr(a.ino, b"user.k", b"v2")
+    view.setxattr(a.ino, b"user.new", b"x")
+    view.unlink(view.lookup(ROOT_INO, b"d").ino, b"b")
+    view.rmdir(ROOT_INO, b"d")
+    await write_file(view, b"c", b"new file")
+    view.rename(ROOT_INO, b"s", ROOT_INO, b"s2")
+    await fs.flush_dirty()
+
+    for _ in range(2):  # as cached, then after a reopen
+        snap = fs.snapshot_view("v@s1")
+        assert names(snap) == [b"a", b"d", b"s"]
+        assert await read_path(snap, b"a") == content["a"]
+        assert await read_path(snap, b"d", b"b") == content["b"]
+        sa = snap.lookup(ROOT_INO, b"a")
+        assert stat.S_IMODE(sa.mode) == 0o644
+        assert snap.listxattr(sa.ino) == [b"user.k"] and snap.getxattr(sa.ino, b"user.k") == b"v1"
+        assert snap.readlink(snap.lookup(ROOT_INO, b"s").ino) == b"a"
+        assert snap.immutable  # reading created no draft
+        vol = fs.volume_view("v")
+        assert names(vol) == [b"a", b"c", b"s2"]
+        fs = await reopen(fs)
+    fs.repo.close()
+
+
+@trio_test
+async def test_commit_keeps_the_volume_and_its_open_files_working(fs, view):
+    f = await write_file(view, b"f", pattern(3 * CS))
+    first_draft = fs.graph.volume_draft("v")
+    await fs.commit(view, "s1")
+    s1 = fs.graph.snapshot("v@s1")
+    assert s1.id == first_draft.id and (s1.delta, s1.referenced) == (3, 3)
+    draft = fs.graph.volume_draft("v")
+    assert draft.parent == s1.id and (draft.delta, draft.referenced) == (0, 3)
+    assert await read_path(view, b"f") == pattern(3 * CS)  # the directory shows the same
+    await view.write(f, CS, b"x")  # the handle opened before the commit still writes
+    await fs.flush_dirty()
+    assert (draft.delta, draft.referenced) == (1, 3) and len(draft.removed) == 1
+    assert (s1.delta, s1.referenced) == (3, 3)  # committing a child changes no delta
+    assert await read_path(fs.snapshot_view("v@s1"), b"f") == pattern(3 * CS)
+    s2 = fs.graph.snapshot(await fs.commit(view, "s2"))
+    assert (s2.delta, s2.referenced, s1.delta) == (1, 3, 3)
+    with pytest.raises(AlreadyExists):
+        await fs.commit(view, "s2")
+    s3 = fs.graph.snapshot(await fs.commit(view, "s3"))  # nothing changed: delta 0
+    assert (s3.delta, s3.referenced) == (0, 3)
+
+
+@trio_test
+async def test_writes_under_a_snapshot_go_into_its_draft_and_commit_makes_a_branch(fs, view):
+    content = await populate(view)
+    await fs.commit(view, "s1")
+    s1 = fs.graph.snapshot("v@s1")
+    before = (s1.delta, s1.referenced, set(s1.added), set(s1.removed))
+    snap = fs.snapshot_view("v@s1")
+    assert snap.immutable and snap.vertex_id == s1.id
+    await write_file(snap, b"fix", b"hotfix")
+    sa = snap.lookup(ROOT_INO, b"a")
+    await snap.write(sa, 0, b"PATCHED")
+    await fs.flush_dirty()
+    assert not snap.immutable and s1.id in fs.graph.snapshot_drafts
+    draft = fs.graph.vertices[snap.vertex_id]
+    assert draft.is_draft and draft.parent == s1.id and draft.delta == 2
+    assert (s1.delta, s1.referenced, set(s1.added), set(s1.removed)) == before
+    assert names(view) == [b"a", b"d", b"s"]  # the volume does not see it
+    assert await read_path(view, b"a") == content["a"]
+
+    assert await fs.commit(snap, "hotfix") == "v@hotfix"
+    branch = fs.graph.snapshot("v@hotfix")
+    assert branch.parent == s1.id and branch.delta == 2
+    assert fs.graph.snapshot_drafts == {} and snap.immutable
+    assert names(snap) == [b"a", b"d", b"s"]  # .snapshots/v@s1 shows v@s1 again
+    assert await read_path(snap, b"a") == content["a"]
+    hot = fs.snapshot_view("v@hotfix")
+    assert names(hot) == [b"a", b"d", b"fix", b"s"]
+    assert await read_path(hot, b"a") == b"PATCHED" + content["a"][7:]
+    assert await read_path(hot, b"fix") == b"hotfix"
+    assert fs.graph.volume_head("v").id == s1.id  # the volume did not move
+    assert await close_and_fsck(fs, fs.repo.paths.root) == []
+
+
+@trio_test
+async def test_commit_of_an_unchanged_snapshot_view(fs, view):
+    await populate(view)
+    await fs.commit(view, "s1")
+    name = await fs.commit(fs.snapshot_view("v@s1"), "same")
+    same = fs.graph.snapshot(name)
+    assert same.parent == fs.graph.snapshot("v@s1").id and same.delta == 0
+    assert fs.snapshot_view("v@s1").immutable
+
+
+@trio_test
+async def test_a_refused_commit_of_a_snapshot_view_changes_nothing(fs, view):
+    await populate(view)
+    await fs.commit(view, "s1")
+    vertices = set(fs.graph.vertices)
+    snap = fs.snapshot_view("v@s1")
+    for label in ("s1", "bad/label"):  # an existing name, an invalid name
+        with pytest.raises((AlreadyExists, UsageError)):
+            await fs.commit(snap, label)
+    assert fs.graph.snapshot_drafts == {} and snap.immutable
+    assert set(fs.graph.vertices) == vertices  # no empty draft left behind
+    assert fs.stats()["totals"]["drafts"] == 1  # only the volume's
+
+
+@trio_test
+async def test_deleting_and_recreating_inherited_names(fs, view):
+    await write_file(view, b"f", b"old")
+    await write_file(view, b"g", b"keep")
+    await fs.commit(view, "s1")
+    old_ino = view.lookup(ROOT_INO, b"f").ino
+    view.unlink(ROOT_INO, b"f")  # a whiteout over the inherited entry
+    assert names(view) == [b"g"]
+    f = await write_file(view, b"f", b"new")
+    assert f.ino != old_ino
+    view.rename(ROOT_INO, b"g", ROOT_INO, b"g2")
+    await fs.commit(view, "s2")
+    view.unlink(ROOT_INO, b"f")
+    view.inodes.clear()
+    for v in (view, fs.volume_view("v")):
+        assert names(v) == [b"g2"]
+    s1, s2 = fs.snapshot_view("v@s1"), fs.snapshot_view("v@s2")
+    assert names(s1) == [b"f", b"g"] and await read_path(s1, b"f") == b"old"
+    assert names(s2) == [b"f", b"g2"] and await read_path(s2, b"f") == b"new"
+    assert await read_path(s2, b"g2") == b"keep"
+    assert await close_and_fsck(fs, fs.repo.paths.root) == []
+
+
+@trio_test
+async def test_hard_link_inherited_from_a_snapshot(fs, view):
+    f = await write_file(view, b"a", b"linked")
+    view.link(f.ino, ROOT_INO, b"b")
+    await fs.commit(view, "s1")
+    view.inodes.clear()
+    view.unlink(ROOT_INO, b"a")
+    b = view.lookup(ROOT_INO, b"b")
+    assert b.nlink == 1 and await read_all(view, b) == b"linked"
+    assert fs.snapshot_view("v@s1").lookup(ROOT_INO, b"a").nlink == 2
+    assert await close_and_fsck(fs, fs.repo.paths.root) == []
+
+
+# -- clones ------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_clone_shows_the_snapshot_and_diverges(fs, view):
+    content = await populate(view)
+    await fs.commit(view, "s1")
+    clone = fs.graph.create_volume("w", source="v@s1")
+    assert (clone.delta, clone.parent) == (0, fs.graph.snapshot("v@s1").id)
+    w = fs.volume_view("w")
+    assert names(w) == [b"a", b"d", b"s"] and await read_path(w, b"a") == content["a"]
+    await w.write(w.lookup(ROOT_INO, b"a"), 0, b"W")
+    await write_file(w, b"only-in-w", b"w")
+    await fs.flush_dirty()
+    assert clone.delta == 2
+    assert names(view) == [b"a", b"d", b"s"] and await read_path(view, b"a") == content["a"]
+    assert await read_path(fs.snapshot_view("v@s1"), b"a") == content["a"]
+    await fs.commit(w, "w1")
+    assert fs.graph.snapshot("w@w1").parent == fs.graph.snapshot("v@s1").id
+    assert await close_and_fsck(fs, fs.repo.paths.root) == []
+
+
+# -- persistence -------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_drafts_persist_across_close_and_reopen(fs, view):
+    content = await populate(view)
+    await fs.commit(view, "s1")
+    f = await write_file(view, b"unflushed", pattern(CS + 1, seed=9))  # only in memory
+    await view.setattr(f.ino, mode=0o640)
+    snap = fs.snapshot_view("v@s1")
+    await write_file(snap, b"snapdraft", b"in the draft of v@s1")
+    volume_draft, snap_draft = fs.graph.volume_draft("v").id, snap.vertex_id
+    fs = await reopen(fs)
+    try:
+        assert fs.graph.volume_draft("v").id == volume_draft
+        assert fs.graph.snapshot_drafts == {fs.graph.snapshot("v@s1").id: snap_draft}
+        vol = fs.volume_view("v")
+        assert names(vol) == [b"a", b"d", b"s", b"unflushed"]
+        assert await read_path(vol, b"unflushed") == pattern(CS + 1, seed=9)
+        assert stat.S_IMODE(vol.lookup(ROOT_INO, b"unflushed").mode) == 0o640
+        snap = fs.snapshot_view("v@s1")
+        assert not snap.immutable
+        assert await read_path(snap, b"snapdraft") == b"in the draft of v@s1"
+        assert await read_path(snap, b"a") == content["a"]
+        draft = fs.graph.volume_draft("v")
+        assert (draft.delta, draft.referenced) == (2, 6)
+        await fs.commit(snap, "branch")  # the draft keeps working after the reopen
+        assert fs.snapshot_view("v@s1").immutable
+    finally:
+        problems = await close_and_fsck(fs, fs.repo.paths.root)
+    assert problems == []
+
+
+@trio_test
+async def test_orphans_of_a_dead_daemon_are_released_on_open(fs, view, repo_path):
+    f = await write_file(view, b"tmp", pattern(2 * CS))
+    await write_file(view, b"kept", b"kept")
+    f.opens += 1
+    view.unlink(ROOT_INO, b"tmp")  # unlinked while open ...
+    await fs.sync()
+    fs.repo.close()  # ... and the daemon dies before release()
+    fs2 = Filesystem(Repository(repo_path))
+    draft = fs2.graph.volume_draft("v")
+    assert (draft.delta, draft.referenced) == (1, 1)
+    assert_gone(fs2.volume_view("v"), f.ino)
+    assert fs2.cat.execute("SELECT COUNT(*) FROM inodes WHERE nlink=0 AND mode!=0 AND "
+                           "vertex=?", (draft.id,)).fetchone() == (0,)
+    await fs2.gc(min_dead_ratio=0.0)  # the orphan's two chunks are garbage now
+    assert fs2.cat.execute("SELECT COUNT(*) FROM chunks").fetchone() == (1,)
+    assert await read_path(fs2.volume_view("v"), b"kept") == b"kept"
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_mixed_workload_passes_fsck(fs, view, repo_path):
+    await populate(view)
+    await fs.commit(view, "s1")
+    for i in range(5):
+        await write_file(view, f"f{i}".encode(), pattern(i * CS + 7, seed=i))
+    await view.setattr(view.lookup(ROOT_INO, b"f3").ino, size=CS + 1)
+    view.rename(ROOT_INO, b"f4", ROOT_INO, b"f1")
+    view.link(view.lookup(ROOT_INO, b"f2").ino, ROOT_INO, b"f2-link")
+    await fs.commit(view, "s2")
+    snap = fs.snapshot_view("v@s1")
+    await write_file(snap, b"x", pattern(CS, seed=1))  # the same chunk as a/0
+    fs.graph.create_volume("w", source="v@s2")
+    w = fs.volume_view("w")
+    w.unlink(ROOT_INO, b"f2")
+    await w.setattr(w.lookup(ROOT_INO, b"a").ino, size=0)
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+# -- write-back --------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_throttle_keeps_dirty_memory_under_the_limit(fs, view):
+    fs.dirty_limit = 4 * CS
+    f = mkfile(view, b"f")
+    for i in range(20):
+        await view.write(f, i * CS, pattern(CS, seed=i))
+        await fs.throttle()
+        assert fs.dirty_bytes() <= fs.dirty_limit + CS
+    assert await read_all(view, f) == b"".join(pattern(CS, seed=i) for i in range(20))
+
+
+@trio_test
+async def test_flush_dirty_of_one_view_leaves_the_others(fs, view):
+    fs.graph.create_volume("w")
+    w = fs.volume_view("w")
+    a = await write_file(view, b"a", b"aaa")
+    b = await write_file(w, b"b", b"bbb")
+    await fs.flush_dirty(view)
+    assert not a.buffers and b.buffers
+    await fs.flush_dirty()
+    assert not b.buffers
+
+
+# -- durability ordering -----------------------------------------------------------------------
+
+
+def _record(monkeypatch, fs) -> list[str]:
+    """Record pack appends, pack syncs and catalog commits (that commit something)."""
+    events: list[str] = []
+    packs, cat = fs.repo.packs, fs.cat
+
+    def wrap(obj, name, label, only_if=None):
+        real = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            if only_if is None or only_if():
+                events.append(label)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, wrapper)
+
+    wrap(packs, "append", "append")
+    wrap(packs, "append_many", "append")
+    wrap(packs, "sync", "pack-sync")
+    wrap(cat, "commit", "catalog-commit", only_if=lambda: cat._in_tx)
+    return events
+
+
+def _catalog_commits_after_unsynced_appends(events: list[str]) -> int:
+    bad, unsynced = 0, False
+    for e in events:
+        if e == "append":
+            unsynced = True
+        elif e == "pack-sync":
+            unsynced = False
+        elif e == "catalog-commit" and unsynced:
+            bad += 1
+    return bad
+
+
+@trio_test
+async def test_fsync_makes_pack_data_durable_before_the_catalog_references_it(fs, view,
+                                                                               monkeypatch):
+    """docs/design.md: 'Pack data is always durable before the catalog that references it,
+    so after a crash no block points at a torn record.'"""
+    f = await write_file(view, b"f", pattern(2 * CS))
+    events = _record(monkeypatch, fs)
+    await fs.sync(view, f)
+    assert "append" in events
+    assert _catalog_commits_after_unsynced_appends(events) == 0, events
+
+
+@trio_test
+async def test_commit_makes_pack_data_durable_before_the_catalog_references_it(fs, view,
+                                                                                monkeypatch):
+    await write_file(view, b"f", pattern(2 * CS))
+    events = _record(monkeypatch, fs)
+    await fs.commit(view, "s1")
+    assert "append" in events
+    assert _catalog_commits_after_unsynced_appends(events) == 0, events
+
+
+@trio_test
+async def test_group_commit_makes_pack_data_durable_before_the_catalog_references_it(
+        fs, view, monkeypatch):
+    await write_file(view, b"f", pattern(2 * CS))
+    events = _record(monkeypatch, fs)
+    await fs.group_commit()
+    assert "append" in events
+    assert _catalog_commits_after_unsynced_appends(events) == 0, events
+
+
+# -- deleting snapshots and volumes ---------------------------------------------------------
+
+
+async def tree(view) -> dict:
+    """path -> content (files), target (symlinks) or None (directories) of a whole view."""
+    out = {}
+    stack = [(b"", ROOT_INO)]
+    while stack:
+        prefix, ino = stack.pop()
+        for name, child in view.listdir(ino):
+            node = view.get(child)
+            path = prefix + b"/" + name
+            if stat.S_ISDIR(node.mode):
+                out[path] = None
+                stack.append((path, child))
+            elif stat.S_ISLNK(node.mode):
+                out[path] = view.readlink(child)
+            else:
+                out[path] = await read_all(view, node)
+    return out
+
+
+async def all_trees(fs) -> dict:
+    from snapfs.vfs.view import PinnedView as _Pinned
+
+    trees = {s.name: await tree(_Pinned(fs, s.id)) for s in fs.graph.snapshots()}
+    for name in fs.graph.volumes:
+        trees[f"volume {name}"] = await tree(fs.volume_view(name))
+    return trees
+
+
+@trio_test
+async def test_deleting_snapshots_keeps_every_other_tree_and_the_accounting(fs, view, repo_path):
+    from unithelpers import assert_stats_match_oracle
+
+    from snapfs.errors import NotFound, Refused
+
+    await populate(view)
+    await fs.commit(view, "s1")
+    await view.write(view.lookup(ROOT_INO, b"a"), CS + 3, b"s2 change")
+    view.unlink(view.lookup(ROOT_INO, b"d").ino, b"b")
+    await write_file(view, b"c", pattern(CS, seed=7))
+    await fs.commit(view, "s2")
+    await view.write(view.lookup(ROOT_INO, b"c"), 0, b"s3")
+    await fs.commit(view, "s3")
+    branch = fs.snapshot_view("v@s2")
+    await write_file(branch, b"br", pattern(CS, seed=1))  # the same chunk as a/0
+    await fs.commit(branch, "br")
+    await write_file(view, b"uncommitted", b"draft data")
+    fs.graph.create_volume("w", source="v@s2")
+    await write_file(fs.volume_view("w"), b"w-only", pattern(CS, seed=8))
+    await fs.flush_dirty()
+    expected = await all_trees(fs)
+    assert_stats_match_oracle(fs)
+
+    for name in ("v@s2", "v@s1", "v@br"):  # a middle vertex, then a root, then a leaf
+        await fs.delete_snapshot(name)
+        del expected[name]
+        assert await all_trees(fs) == expected, name
+        assert_stats_match_oracle(fs)
+        with pytest.raises(NotFound):
+            fs.graph.snapshot(name)
+    # s3 and w (a clone of s2) were re-parented onto s1, then became roots
+    assert fs.graph.snapshot("v@s3").parent is None
+    assert fs.graph.volume_draft("w").parent is None
+
+    # a snapshot whose directory holds uncommitted changes is kept unless forced
+    s3 = fs.snapshot_view("v@s3")
+    await write_file(s3, b"pending", b"x")
+    with pytest.raises(Refused):
+        await fs.delete_snapshot("v@s3")
+    assert "v@s3" in fs.graph.by_name
+    f = s3.lookup(ROOT_INO, b"pending")
+    f.opens += 1
+    with pytest.raises(Refused):  # an open file in it
+        await fs.delete_snapshot("v@s3", force=True)
+    f.opens -= 1
+    await fs.delete_snapshot("v@s3", force=True)
+    del expected["v@s3"]
+    assert await all_trees(fs) == expected
+    assert_stats_match_oracle(fs)
+
+    fs = await reopen(fs)
+    assert await all_trees(fs) == expected
+    assert_stats_match_oracle(fs)
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_deleting_a_volume(fs, view, repo_path):
+    from unithelpers import assert_stats_match_oracle
+
+    from snapfs.errors import Refused
+
+    await populate(view)
+    await fs.commit(view, "s1")
+    await write_file(view, b"unsaved", b"x")
+    with pytest.raises(Refused):
+        await fs.delete_volume("v")
+    await fs.delete_volume("v", force=True)
+    assert "v" not in fs.graph.volumes
+    assert [s.name for s in fs.graph.snapshots()] == ["v@s1"]  # its snapshots stay
+    assert await read_path(fs.snapshot_view("v@s1"), b"a") == pattern(2 * CS + 10, seed=1)
+    assert_stats_match_oracle(fs)
+    fs.graph.create_volume("v", source="v@s1")  # the name can be used again
+    assert names(fs.volume_view("v")) == [b"a", b"d", b"s"]
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_an_open_file_the_snapshot_lacks_survives_the_commit_of_its_directory(
+        fs, view, repo_path):
+    """Committing .snapshots/S makes the directory show S again. A file created and still
+    open there is in no tree any more: it stays readable and writable (its chunks survive a
+    collection) until closed, and it changes nothing under .snapshots/S."""
+    await populate(view)
+    await fs.commit(view, "s1")
+    snap = fs.snapshot_view("v@s1")
+    new = await write_file(snap, b"new", pattern(2 * CS, seed=4))
+    new.opens += 1
+    await fs.commit(snap, "b1")
+    assert names(snap) == [b"a", b"d", b"s"] and snap.immutable  # S again
+    assert await read_path(fs.snapshot_view("v@b1"), b"new") == pattern(2 * CS, seed=4)
+    await fs.gc(min_dead_ratio=0.0)
+    for cid in list(fs.chunks.cache._items):
+        fs.chunks.cache.drop(cid)
+    assert await read_all(snap, new) == pattern(2 * CS, seed=4)
+    await snap.write(new, 2 * CS, b"more")
+    await fs.flush_dirty()
+    assert await read_all(snap, new) == pattern(2 * CS, seed=4) + b"more"
+    assert names(snap) == [b"a", b"d", b"s"]
+    new.opens -= 1  # release()
+    await snap.flush_data(new)
+    snap._maybe_delete(new)
+    assert not fs.chunks.pinned
+    await fs.sync()
+    # nothing was changed under .snapshots/v@s1: deleting it needs no --force
+    await fs.delete_snapshot("v@s1")
+    assert await read_path(fs.snapshot_view("v@b1"), b"new") == pattern(2 * CS, seed=4)
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_an_open_file_the_snapshot_has_shows_it_again_after_the_commit(
+        fs, view, repo_path):
+    """...and a file S has shows S's version and takes further writes into a new draft."""
+    from snapfs.vfs.view import PinnedView as _Pinned
+
+    content = await populate(view)
+    await fs.commit(view, "s1")
+    snap = fs.snapshot_view("v@s1")
+    a = snap.lookup(ROOT_INO, b"a")
+    a.opens += 1
+    await snap.write(a, 0, b"PATCH")
+    await fs.commit(snap, "b1")
+    assert await read_all(snap, a) == content["a"]
+    await snap.write(a, 0, b"AGAIN")
+    await fs.flush_dirty()
+    assert not snap.immutable
+    assert await read_path(snap, b"a") == b"AGAIN" + content["a"][5:]
+    assert await read_path(fs.snapshot_view("v@b1"), b"a") == b"PATCH" + content["a"][5:]
+    assert await read_path(_Pinned(fs, fs.graph.snapshot("v@s1").id), b"a") == content["a"]
+    a.opens -= 1
+    await snap.flush_data(a)
+    snap._maybe_delete(a)
+    assert not fs.chunks.pinned
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_fsck_is_clean_after_deleting_the_snapshot_that_held_a_deleted_file(
+        fs, view, repo_path):
+    """s1 has file f; s2 deleted it; deleting s1 and collecting frees f's chunks. Nothing
+    that is still live may point at them (fsck: 'points at missing chunk')."""
+    await write_file(view, b"f", pattern(2 * CS, seed=11))
+    await write_file(view, b"g", b"stays")
+    await fs.commit(view, "s1")
+    view.unlink(ROOT_INO, b"f")
+    await fs.commit(view, "s2")
+    await fs.delete_snapshot("v@s1")
+    res = await fs.gc(min_dead_ratio=0.0)
+    assert res["freed_chunks"] == 2
+    assert names(fs.snapshot_view("v@s2")) == [b"g"]
+    assert await close_and_fsck(fs, repo_path) == []

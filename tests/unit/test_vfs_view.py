@@ -1,0 +1,679 @@
+"""POSIX semantics of one directory tree without the kernel (snapfs/vfs/view.py), driven
+through Filesystem(Repository(path)) inside trio.run."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from unithelpers import CHUNK as CS
+from unithelpers import (
+    FILE,
+    assert_gone,
+    assert_stats_match_oracle,
+    close_and_fsck,
+    mkfile,
+    names,
+    pattern,
+    read_all,
+    read_path,
+    trio_test,
+    write_file,
+)
+
+from snapfs.errors import FsError
+from snapfs.repository import Repository
+from snapfs.store.repo import init_repository
+from snapfs.types import ROOT_INO
+from snapfs.vfs.fs import Filesystem
+from snapfs.vfs.view import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
+
+
+def raises_errno(code: int):
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, typ, exc, tb):
+            if typ is None:
+                raise AssertionError(f"expected {errno.errorcode[code]}, nothing raised")
+            if not issubclass(typ, FsError):
+                return False
+            assert exc.errno == code, (
+                f"expected {errno.errorcode[code]}, got {errno.errorcode.get(exc.errno)}")
+            return True
+
+    return _Ctx()
+
+
+# -- directories -------------------------------------------------------------------------------
+
+
+def test_mkdir_and_rmdir(view):
+    root = view.get(ROOT_INO)
+    assert root.nlink == 2
+    d = view.mkdir(ROOT_INO, b"d", 0o750, 1000, 1000)
+    assert stat.S_ISDIR(d.mode) and stat.S_IMODE(d.mode) == 0o750 and d.nlink == 2
+    assert (d.uid, d.gid) == (1000, 1000)
+    assert root.nlink == 3 and view.lookup(ROOT_INO, b"d") is d
+    with raises_errno(errno.EEXIST):
+        view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    with raises_errno(errno.EEXIST):
+        mkfile(view, b"d")
+    sub = view.mkdir(d.ino, b"sub", 0o755, 0, 0)
+    assert d.nlink == 3
+    mkfile(view, b"f", d.ino)
+    with raises_errno(errno.ENOTEMPTY):
+        view.rmdir(ROOT_INO, b"d")
+    with raises_errno(errno.ENOTDIR):
+        view.rmdir(d.ino, b"f")
+    with raises_errno(errno.ENOENT):
+        view.rmdir(d.ino, b"missing")
+    view.rmdir(d.ino, b"sub")
+    assert d.nlink == 2
+    assert_gone(view, sub.ino)
+    view.unlink(d.ino, b"f")
+    view.rmdir(ROOT_INO, b"d")
+    assert root.nlink == 2 and names(view) == []
+    with raises_errno(errno.ENOENT):
+        view.lookup(ROOT_INO, b"d")
+
+
+def test_no_creation_in_a_removed_directory(view):
+    d = view.mkdir(ROOT_INO, b"gone", 0o755, 0, 0)
+    view.rmdir(ROOT_INO, b"gone")
+    with raises_errno(errno.ENOENT):
+        view.mkdir(d.ino, b"x", 0o755, 0, 0)
+
+
+def test_setgid_directory_passes_group_on(view):
+    d = view.mkdir(ROOT_INO, b"shared", 0o2775, 1000, 50)
+    f = mkfile(view, b"f", d.ino)
+    sub = view.mkdir(d.ino, b"sub", 0o755, 1000, 1000)
+    assert f.gid == 50 and sub.gid == 50 and sub.mode & stat.S_ISGID
+
+
+def test_unlink(view):
+    mkfile(view, b"f")
+    view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    with raises_errno(errno.EISDIR):
+        view.unlink(ROOT_INO, b"d")
+    with raises_errno(errno.ENOENT):
+        view.unlink(ROOT_INO, b"nothing")
+    root = view.get(ROOT_INO)
+    before = root.mtime_ns
+    view.unlink(ROOT_INO, b"f")
+    assert names(view) == [b"d"] and root.mtime_ns >= before
+
+
+# -- rename ------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_rename_over_an_existing_file(view):
+    src = await write_file(view, b"src", b"new content")
+    dst = await write_file(view, b"dst", b"old content")
+    view.rename(ROOT_INO, b"src", ROOT_INO, b"dst")
+    assert names(view) == [b"dst"]
+    assert view.lookup(ROOT_INO, b"dst") is src and src.nlink == 1
+    assert await read_path(view, b"dst") == b"new content"
+    assert_gone(view, dst.ino)  # the replaced inode is gone
+
+
+def test_rename_directory_rules(view):
+    root = view.get(ROOT_INO)
+    a = view.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    view.mkdir(ROOT_INO, b"empty", 0o755, 0, 0)
+    full = view.mkdir(ROOT_INO, b"full", 0o755, 0, 0)
+    mkfile(view, b"inside", full.ino)
+    mkfile(view, b"file")
+    assert root.nlink == 5
+    with raises_errno(errno.ENOTEMPTY):
+        view.rename(ROOT_INO, b"a", ROOT_INO, b"full")
+    with raises_errno(errno.ENOTDIR):
+        view.rename(ROOT_INO, b"a", ROOT_INO, b"file")
+    with raises_errno(errno.EISDIR):
+        view.rename(ROOT_INO, b"file", ROOT_INO, b"empty")
+    assert names(view) == [b"a", b"empty", b"file", b"full"]  # refusals changed nothing
+    view.rename(ROOT_INO, b"a", ROOT_INO, b"empty")  # over an empty directory
+    assert names(view) == [b"empty", b"file", b"full"]
+    assert view.lookup(ROOT_INO, b"empty") is a
+    assert root.nlink == 4
+
+
+def test_rename_across_directories_keeps_link_counts(view):
+    root = view.get(ROOT_INO)
+    a = view.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    b = view.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    d = view.mkdir(a.ino, b"d", 0o755, 0, 0)
+    f = mkfile(view, b"f", a.ino)
+    assert (a.nlink, b.nlink) == (3, 2)
+    view.rename(a.ino, b"d", b.ino, b"d2")
+    view.rename(a.ino, b"f", b.ino, b"f2")
+    assert (a.nlink, b.nlink, root.nlink) == (2, 3, 4)
+    assert names(view, a.ino) == [] and names(view, b.ino) == [b"d2", b"f2"]
+    assert view.lookup(b.ino, b"d2") is d and view.lookup(b.ino, b"f2") is f and f.nlink == 1
+
+
+def test_rename_directory_over_an_empty_directory_elsewhere(view):
+    root = view.get(ROOT_INO)
+    a = view.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    b = view.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    d = view.mkdir(a.ino, b"d", 0o755, 0, 0)
+    e = view.mkdir(b.ino, b"e", 0o755, 0, 0)
+    view.rename(a.ino, b"d", b.ino, b"e")
+    assert (a.nlink, b.nlink, root.nlink) == (2, 3, 4)
+    assert view.lookup(b.ino, b"e") is d and names(view, a.ino) == []
+    assert_gone(view, e.ino)
+
+
+@trio_test
+async def test_rename_over_an_open_file_keeps_it_readable(view):
+    await write_file(view, b"new", b"replacement")
+    old = await write_file(view, b"old", b"still open")
+    old.opens += 1
+    view.rename(ROOT_INO, b"new", ROOT_INO, b"old")
+    assert old.nlink == 0 and await read_all(view, old) == b"still open"
+    assert await read_path(view, b"old") == b"replacement"
+    old.opens -= 1
+    view._maybe_delete(old)
+    assert_gone(view, old.ino)
+
+
+def test_rename_noreplace(view):
+    mkfile(view, b"a")
+    mkfile(view, b"b")
+    with raises_errno(errno.EEXIST):
+        view.rename(ROOT_INO, b"a", ROOT_INO, b"b", RENAME_NOREPLACE)
+    view.rename(ROOT_INO, b"a", ROOT_INO, b"c", RENAME_NOREPLACE)
+    assert names(view) == [b"b", b"c"]
+    with raises_errno(errno.EINVAL):
+        view.rename(ROOT_INO, b"b", ROOT_INO, b"c", RENAME_NOREPLACE | RENAME_EXCHANGE)
+
+
+@trio_test
+async def test_rename_exchange(view):
+    a = await write_file(view, b"a", b"AAAA")
+    b = await write_file(view, b"b", b"BBBB")
+    view.rename(ROOT_INO, b"a", ROOT_INO, b"b", RENAME_EXCHANGE)
+    assert view.lookup(ROOT_INO, b"a") is b and view.lookup(ROOT_INO, b"b") is a
+    assert await read_path(view, b"a") == b"BBBB" and await read_path(view, b"b") == b"AAAA"
+    with raises_errno(errno.ENOENT):
+        view.rename(ROOT_INO, b"a", ROOT_INO, b"nothing", RENAME_EXCHANGE)
+
+
+def test_rename_exchange_dir_and_file_across_directories(view):
+    p = view.mkdir(ROOT_INO, b"p", 0o755, 0, 0)
+    q = view.mkdir(ROOT_INO, b"q", 0o755, 0, 0)
+    d = view.mkdir(p.ino, b"x", 0o755, 0, 0)
+    f = mkfile(view, b"y", q.ino)
+    assert (p.nlink, q.nlink) == (3, 2)
+    view.rename(p.ino, b"x", q.ino, b"y", RENAME_EXCHANGE)
+    assert view.lookup(p.ino, b"x") is f and view.lookup(q.ino, b"y") is d
+    assert (p.nlink, q.nlink) == (2, 3)  # the subdirectory moved from p to q
+
+
+def test_rename_between_hard_links_of_one_inode_does_nothing(view):
+    f = mkfile(view, b"a")
+    view.link(f.ino, ROOT_INO, b"b")
+    view.rename(ROOT_INO, b"a", ROOT_INO, b"b")
+    assert names(view) == [b"a", b"b"] and f.nlink == 2
+
+
+def test_rename_missing_source(view):
+    with raises_errno(errno.ENOENT):
+        view.rename(ROOT_INO, b"nothing", ROOT_INO, b"x")
+
+
+# -- links -------------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_hard_links(view):
+    f = await write_file(view, b"a", b"shared data")
+    d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    assert view.link(f.ino, d.ino, b"b") is f
+    assert f.nlink == 2 and view.lookup(d.ino, b"b") is f
+    with raises_errno(errno.EPERM):
+        view.link(d.ino, ROOT_INO, b"dirlink")
+    with raises_errno(errno.EEXIST):
+        view.link(f.ino, ROOT_INO, b"d")
+    view.unlink(ROOT_INO, b"a")
+    assert f.nlink == 1
+    assert await read_path(view, b"d", b"b") == b"shared data"
+    await view.write(f, 0, b"SHARED")
+    assert await read_path(view, b"d", b"b") == b"SHARED data"
+
+
+def test_symlink_and_readlink(view):
+    s = view.symlink(ROOT_INO, b"link", b"../some/where", 0, 0)
+    assert stat.S_ISLNK(s.mode) and s.size == len(b"../some/where")
+    assert view.readlink(s.ino) == b"../some/where"
+    assert view.lookup(ROOT_INO, b"link") is s
+    f = mkfile(view, b"f")
+    with raises_errno(errno.EINVAL):
+        view.readlink(f.ino)
+    with raises_errno(errno.ENAMETOOLONG):
+        view.symlink(ROOT_INO, b"long", b"x" * 4096, 0, 0)
+    assert view.readlink(view.symlink(ROOT_INO, b"max", b"y" * 4095, 0, 0).ino) == b"y" * 4095
+
+
+# -- names -------------------------------------------------------------------------------------
+
+
+def test_255_byte_names_work_and_256_are_too_long(view):
+    ok, long = b"n" * 255, b"n" * 256
+    f = mkfile(view, ok)
+    assert view.lookup(ROOT_INO, ok) is f
+    d = view.mkdir(ROOT_INO, b"d" * 255, 0o755, 0, 0)
+    view.symlink(d.ino, b"s" * 255, b"t", 0, 0)
+    view.link(f.ino, d.ino, b"l" * 255)
+    view.rename(ROOT_INO, ok, d.ino, b"r" * 255)
+    assert len(view.listdir(d.ino)) == 3
+    for call in (lambda: mkfile(view, long),
+                 lambda: view.mkdir(ROOT_INO, long, 0o755, 0, 0),
+                 lambda: view.symlink(ROOT_INO, long, b"t", 0, 0),
+                 lambda: view.link(f.ino, ROOT_INO, long),
+                 lambda: view.rename(d.ino, b"r" * 255, ROOT_INO, long),
+                 lambda: view.lookup(ROOT_INO, long)):
+        with raises_errno(errno.ENAMETOOLONG):
+            call()
+    # multi-byte UTF-8: the limit is in bytes
+    mkfile(view, "é".encode() * 127)
+    with raises_errno(errno.ENAMETOOLONG):
+        mkfile(view, "é".encode() * 128)
+
+
+@pytest.mark.parametrize("bad", [b"", b".", b"..", b"a/b", b"a\0b"])
+def test_invalid_names(view, bad):
+    with raises_errno(errno.EINVAL):
+        mkfile(view, bad)
+    with raises_errno(errno.EINVAL):
+        view.mkdir(ROOT_INO, bad, 0o755, 0, 0)
+    assert names(view) == []
+
+
+# -- attributes --------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_chmod_keeps_the_file_type(view):
+    f = mkfile(view, b"f")
+    d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    s = view.symlink(ROOT_INO, b"s", b"t", 0, 0)
+    for node, fmt in ((f, stat.S_IFREG), (d, stat.S_IFDIR)):
+        await view.setattr(node.ino, mode=0o4711)
+        assert stat.S_IFMT(node.mode) == fmt and stat.S_IMODE(node.mode) == 0o4711
+        await view.setattr(node.ino, mode=stat.S_IFIFO | 0o600)  # type bits are ignored
+        assert stat.S_IFMT(node.mode) == fmt and stat.S_IMODE(node.mode) == 0o600
+    await view.setattr(s.ino, mode=0o700)
+    assert stat.S_ISLNK(s.mode)
+
+
+@trio_test
+async def test_setattr_owner_and_times(view):
+    f = mkfile(view, b"f")
+    await view.setattr(f.ino, uid=5, gid=6)
+    assert (f.uid, f.gid) == (5, 6)
+    await view.setattr(f.ino, uid=0xFFFFFFFF, gid=-1)  # "leave unchanged"
+    assert (f.uid, f.gid) == (5, 6)
+    await view.setattr(f.ino, atime_ns=1_000_000_123, mtime_ns=2_000_000_456)
+    assert (f.atime_ns, f.mtime_ns) == (1_000_000_123, 2_000_000_456)
+    d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    with raises_errno(errno.EISDIR):
+        await view.setattr(d.ino, size=0)
+    s = view.symlink(ROOT_INO, b"s", b"t", 0, 0)
+    with raises_errno(errno.EINVAL):
+        await view.setattr(s.ino, size=0)
+
+
+@pytest.mark.parametrize("shrink", [0, 1, 100, CS - 1, CS, CS + 1, 2 * CS + 7, 3 * CS])
+@pytest.mark.parametrize("flush", ["none", "before", "between"])
+@trio_test
+async def test_truncate_shrink_then_extend_reads_zeros(view, shrink, flush):
+    data = pattern(3 * CS + 123)
+    f = await write_file(view, b"f", data)
+    if flush == "before":
+        await view.flush_data(f)
+    await view.setattr(f.ino, size=shrink)
+    assert f.size == shrink and await read_all(view, f) == data[:shrink]
+    if flush == "between":
+        await view.flush_data(f)
+    await view.setattr(f.ino, size=4 * CS + 5)
+    expect = data[:shrink] + bytes(4 * CS + 5 - shrink)
+    assert await read_all(view, f) == expect
+    await view.flush_data(f)
+    view.inodes.clear()  # read back from the catalog and the chunks
+    f = view.get(f.ino)
+    assert await read_all(view, f) == expect
+
+
+@trio_test
+async def test_truncate_does_not_touch_a_deduplicated_twin(view):
+    data = pattern(2 * CS + 10, seed=3)
+    a = await write_file(view, b"a", data)
+    b = await write_file(view, b"b", data)
+    await view.flush_data(a)
+    await view.flush_data(b)
+    assert [view.block(a, i) for i in range(3)] == [view.block(b, i) for i in range(3)]
+    await view.setattr(a.ino, size=CS + 5)
+    await view.setattr(a.ino, size=2 * CS + 10)
+    assert await read_all(view, b) == data
+    assert await read_all(view, a) == data[:CS + 5] + bytes(CS + 5)
+
+
+@trio_test
+async def test_truncate_limits(fs, view):
+    f = mkfile(view, b"f")
+    with raises_errno(errno.EINVAL):
+        await view.truncate(f, -1)
+    fs.max_file_size = 10 * CS
+    with raises_errno(errno.EFBIG):
+        await view.truncate(f, 10 * CS)
+    with raises_errno(errno.EFBIG):
+        await view.write(f, 10 * CS - 2, b"abc")
+    await view.write(f, 10 * CS - 3, b"abc")
+    assert f.size == 10 * CS
+
+
+# -- extended attributes -----------------------------------------------------------------------
+
+
+def test_xattrs(view):
+    f = mkfile(view, b"f")
+    assert view.listxattr(f.ino) == []
+    with raises_errno(errno.ENODATA):
+        view.getxattr(f.ino, b"user.a")
+    view.setxattr(f.ino, b"user.a", b"1")
+    view.setxattr(f.ino, b"user.b", b"")
+    assert view.getxattr(f.ino, b"user.a") == b"1" and view.getxattr(f.ino, b"user.b") == b""
+    assert view.listxattr(f.ino) == [b"user.a", b"user.b"]
+    with raises_errno(errno.EEXIST):
+        view.setxattr(f.ino, b"user.a", b"2", XATTR_CREATE)
+    with raises_errno(errno.ENODATA):
+        view.setxattr(f.ino, b"user.c", b"2", XATTR_REPLACE)
+    view.setxattr(f.ino, b"user.a", b"3", XATTR_REPLACE)
+    view.setxattr(f.ino, b"user.c", b"4", XATTR_CREATE)
+    assert view.getxattr(f.ino, b"user.a") == b"3" and view.getxattr(f.ino, b"user.c") == b"4"
+    view.removexattr(f.ino, b"user.a")
+    with raises_errno(errno.ENODATA):
+        view.removexattr(f.ino, b"user.a")
+    with raises_errno(errno.ENODATA):
+        view.getxattr(f.ino, b"user.a")
+    assert view.listxattr(f.ino) == [b"user.b", b"user.c"]
+    view.setxattr(f.ino, b"user.a", b"back")  # re-creating a removed name
+    assert view.getxattr(f.ino, b"user.a") == b"back"
+    with raises_errno(errno.ERANGE):
+        view.setxattr(f.ino, b"", b"x")
+    with raises_errno(errno.E2BIG):
+        view.setxattr(f.ino, b"user.big", b"x" * 65537)
+    view.inodes.clear()  # from the catalog
+    assert view.listxattr(f.ino) == [b"user.a", b"user.b", b"user.c"]
+    assert view.getxattr(f.ino, b"user.a") == b"back"
+
+
+def test_xattrs_on_directories_and_symlinks(view):
+    d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    view.setxattr(d.ino, b"user.dir", b"yes")
+    view.setxattr(ROOT_INO, b"user.root", b"r")
+    view.inodes.clear()
+    assert view.getxattr(d.ino, b"user.dir") == b"yes"
+    assert view.getxattr(ROOT_INO, b"user.root") == b"r"
+
+
+# -- file data ---------------------------------------------------------------------------------
+
+
+@trio_test
+async def test_unaligned_writes_across_chunk_boundaries(view):
+    model = bytearray()
+    f = mkfile(view, b"f")
+    writes = [(0, 10), (CS - 3, 7), (2 * CS - 1, CS + 2), (5, 3 * CS), (CS, CS),
+              (4 * CS + 100, 1), (3, 1)]
+    for i, (off, n) in enumerate(writes):
+        data = pattern(n, seed=i)
+        assert await view.write(f, off, data) == n
+        if len(model) < off:
+            model.extend(bytes(off - len(model)))
+        model[off:off + n] = data
+        assert f.size == len(model)
+        assert await read_all(view, f) == bytes(model)
+    # reads at unaligned offsets and lengths, also past the end
+    for off, n in [(CS - 1, 2), (1, 3 * CS), (4 * CS, 500), (len(model) - 1, 10)]:
+        assert await view.read(f, off, n) == bytes(model[off:off + n])
+    assert await view.read(f, len(model), 10) == b""
+    assert await view.read(f, len(model) + CS, 10) == b""
+    await view.flush_data(f)
+    assert not f.buffers
+    assert await read_all(view, f) == bytes(model)
+
+
+@trio_test
+async def test_sparse_writes_far_out_read_as_zeros_and_store_nothing(fs, view):
+    f = mkfile(view, b"sparse")
+    far = 1000 * CS + 17
+    await view.write(f, far, b"end")
+    assert f.size == far + 3
+    await view.flush_data(f)
+    assert await view.read(f, 0, 100) == bytes(100)
+    assert await view.read(f, 500 * CS - 50, 100) == bytes(100)
+    assert await view.read(f, far - 5, 10) == bytes(5) + b"end"
+    assert [i for i in range(1001) if view.block(f, i)] == [1000]
+    assert fs.cat.execute("SELECT COUNT(*) FROM chunks").fetchone() == (1,)
+    assert fs.graph.volume_draft("v").delta == 1
+    await view.write(f, 10 * CS, bytes(CS))  # zeros are holes too
+    await view.flush_data(f)
+    assert view.block(f, 10) == 0
+    assert fs.cat.execute("SELECT COUNT(*) FROM chunks").fetchone() == (1,)
+
+
+@trio_test
+async def test_identical_chunks_are_stored_once(fs, view):
+    data = pattern(CS) * 3  # three identical chunks
+    await write_file(view, b"a", data)
+    await write_file(view, b"b", data)
+    await fs.flush_dirty()
+    assert fs.cat.execute("SELECT COUNT(*) FROM chunks").fetchone() == (1,)
+    draft = fs.graph.volume_draft("v")
+    assert (draft.delta, draft.referenced) == (1, 1)
+
+
+@trio_test
+async def test_unlinked_but_open_file_keeps_its_data(fs, view, repo_path):
+    """An unlinked file stays readable and writable while open, even across a garbage
+    collection, and its data is released when the last handle goes."""
+    data = pattern(3 * CS + 100)
+    f = await write_file(view, b"f", data)
+    await write_file(view, b"other", b"unrelated")
+    await fs.flush_dirty()
+    draft = fs.graph.volume_draft("v")
+    assert draft.delta == 5
+    f.opens += 1  # what the FUSE layer does on open()
+    view.unlink(ROOT_INO, b"f")
+    assert f.nlink == 0 and names(view) == [b"other"]
+    with raises_errno(errno.ENOENT):
+        view.lookup(ROOT_INO, b"f")
+    assert view.get(f.ino) is f  # open handles still reach it
+    assert_stats_match_oracle(fs)  # the figures follow the trees
+    await fs.gc(min_dead_ratio=0.0)  # the open file's chunks must survive a collection
+    for cid in list(fs.chunks.cache._items):
+        fs.chunks.cache.drop(cid)  # read from the packs, not the cache
+    assert await read_all(view, f) == data
+    await view.write(f, len(data), b"appended")
+    await view.flush_data(f)
+    await fs.gc(min_dead_ratio=0.0)
+    for cid in list(fs.chunks.cache._items):
+        fs.chunks.cache.drop(cid)
+    assert await read_all(view, f) == data + b"appended"
+    f.opens -= 1  # release(): flush, then delete
+    await view.flush_data(f)
+    view._maybe_delete(f)
+    assert_gone(view, f.ino)
+    assert (draft.delta, draft.referenced) == (1, 1)
+    assert not fs.chunks.pinned
+    await fs.gc(min_dead_ratio=0.0)
+    assert fs.cat.execute("SELECT COUNT(*) FROM chunks").fetchone() == (1,)  # "unrelated"
+    assert await read_path(view, b"other") == b"unrelated"
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_unlinking_one_of_two_open_names(view):
+    f = await write_file(view, b"a", b"data")
+    view.link(f.ino, ROOT_INO, b"b")
+    f.opens += 1
+    view.unlink(ROOT_INO, b"a")
+    f.opens -= 1
+    view._maybe_delete(f)  # still has a name: nothing happens
+    assert await read_path(view, b"b") == b"data"
+
+
+@trio_test
+async def test_read_directory_and_write_results(view):
+    f = mkfile(view, b"f")
+    assert await view.read(f, 0, 100) == b""
+    assert await view.write(f, 0, b"") == 0
+    assert f.size == 0
+
+
+# -- random write/truncate sequences against a bytearray ---------------------------------------
+
+MAXSIZE = 5 * CS + 300
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("write"), st.integers(0, MAXSIZE), st.integers(1, 2 * CS + 10),
+              st.integers(0, 4)),
+    st.tuples(st.just("truncate"), st.integers(0, MAXSIZE)),
+    st.tuples(st.just("flush")),
+    st.tuples(st.just("reopen")),
+    st.tuples(st.just("commit")),
+    # writes and truncates under .snapshots/S (into S's draft), and commits of that draft
+    st.tuples(st.just("snapwrite"), st.integers(0, 9), st.integers(0, MAXSIZE),
+              st.integers(1, CS + 10), st.integers(0, 4)),
+    st.tuples(st.just("snaptruncate"), st.integers(0, 9), st.integers(0, MAXSIZE)),
+    st.tuples(st.just("snapcommit"), st.integers(0, 9)),
+    st.tuples(st.just("delete"), st.integers(0, 9)),  # a snapshot, anywhere in the graph
+    st.tuples(st.just("gc")),  # free what no vertex holds, compact every pack with dead bytes
+), min_size=1, max_size=14)
+
+
+def _data(n: int, kind: int) -> bytes:
+    if kind == 0:
+        return bytes(n)  # zeros: holes and trailing-zero stripping
+    if kind == 1:
+        return b"\0" * (n // 2) + b"x" * (n - n // 2)
+    if kind == 2:
+        return bytes([kind * 17]) * n  # repeats: dedup across files and chunks
+    return pattern(n, seed=n * 7 + kind)
+
+
+def _apply_write(m: bytearray, off: int, data: bytes) -> None:
+    if len(m) < off:
+        m.extend(bytes(off - len(m)))
+    m[off:off + len(data)] = data
+
+
+def _apply_truncate(m: bytearray, size: int) -> None:
+    del m[size:]
+    m.extend(bytes(size - len(m)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=ops)
+def test_random_writes_and_truncates_match_a_bytearray(ops):
+    """One file (plus a twin that receives the same writes but no truncates, for shared
+    chunks) written at random offsets, truncated, flushed, committed, written under
+    .snapshots/S, snapshots deleted, garbage collected and the repository reopened: every
+    read equals a bytearray model, every committed snapshot keeps its bytes, and the stats
+    and fsck agree with a brute-force oracle at the end."""
+    import trio
+
+    from snapfs.vfs.view import PinnedView as _Pinned
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "repo")
+        init_repository(path, CS)
+
+        async def main():
+            repo = Repository(path)
+            fs = Filesystem(repo)
+            fs.graph.create_volume("v")
+            view = fs.volume_view("v")
+            f = view.mknod(ROOT_INO, b"f", FILE, 0, 0, 0)
+            twin = view.mknod(ROOT_INO, b"twin", FILE, 0, 0, 0)
+            model, twin_model = bytearray(), bytearray()
+            snapshots: dict[str, tuple[bytes, bytes]] = {}  # committed: never change
+            drafts: dict[str, bytearray] = {}  # f as seen under .snapshots/S (S's draft)
+            labels = (f"c{i}" for i in range(1000))
+            for op in ops:
+                names = sorted(snapshots)
+                if op[0] == "write":
+                    _, off, n, kind = op
+                    data = _data(n, kind)
+                    await view.write(f, off, data)
+                    await view.write(twin, off, data)
+                    _apply_write(model, off, data)
+                    _apply_write(twin_model, off, data)
+                elif op[0] == "truncate":
+                    await view.setattr(f.ino, size=op[1])
+                    _apply_truncate(model, op[1])
+                elif op[0] == "flush":
+                    await view.flush_data(f)
+                    assert not f.buffers
+                elif op[0] == "reopen":
+                    await fs.sync()
+                    repo.close()
+                    repo = Repository(path)
+                    fs = Filesystem(repo)
+                    view = fs.volume_view("v")
+                    f = view.lookup(ROOT_INO, b"f")
+                    twin = view.lookup(ROOT_INO, b"twin")
+                elif op[0] == "commit":
+                    name = await fs.commit(view, next(labels))
+                    snapshots[name] = (bytes(model), bytes(twin_model))
+                elif names and op[0] in ("snapwrite", "snaptruncate"):
+                    name = names[op[1] % len(names)]
+                    sview = fs.snapshot_view(name)
+                    sf = sview.lookup(ROOT_INO, b"f")
+                    m = drafts.setdefault(name, bytearray(snapshots[name][0]))
+                    if op[0] == "snapwrite":
+                        data = _data(op[3], op[4])
+                        await sview.write(sf, op[2], data)
+                        _apply_write(m, op[2], data)
+                    else:
+                        await sview.setattr(sf.ino, size=op[2])
+                        _apply_truncate(m, op[2])
+                elif names and op[0] == "snapcommit":
+                    name = names[op[1] % len(names)]
+                    branch = await fs.commit(fs.snapshot_view(name), next(labels))
+                    m = drafts.pop(name, None)
+                    content = bytes(m) if m is not None else snapshots[name][0]
+                    snapshots[branch] = (content, snapshots[name][1])
+                elif op[0] == "gc":
+                    await fs.gc(min_dead_ratio=0.0)
+                    for cid in list(fs.chunks.cache._items):
+                        fs.chunks.cache.drop(cid)  # later reads come from the packs
+                elif names and op[0] == "delete":
+                    name = names[op[1] % len(names)]
+                    await fs.delete_snapshot(name, force=True)
+                    del snapshots[name]
+                    drafts.pop(name, None)
+                assert f.size == len(model)
+                assert await view.read(f, 0, MAXSIZE * 3) == bytes(model)
+            assert await read_all(view, twin) == bytes(twin_model)
+            for name, (content, twin_content) in snapshots.items():
+                pinned = _Pinned(fs, fs.graph.snapshot(name).id)  # S itself, not its draft
+                assert await read_path(pinned, b"f") == content, name
+                assert await read_path(pinned, b"twin") == twin_content, name
+                shown = fs.snapshot_view(name)  # .snapshots/S: S's draft if written
+                expect = drafts.get(name, content)
+                assert await read_path(shown, b"f") == bytes(expect), name
+            assert_stats_match_oracle(fs)
+            assert await close_and_fsck(fs, path) == []
+
+        trio.run(main)
