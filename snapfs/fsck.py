@@ -22,16 +22,16 @@ from pyroaring import BitMap
 from snapfs.errors import IntegrityError
 from snapfs.graph.graph import Graph
 from snapfs.repository import Repository
-from snapfs.store.packs import verify_record
 from snapfs.types import ROOT_INO, ChunkLocation
 from snapfs.vfs.fs import Filesystem
 from snapfs.vfs.view import PinnedView, View
 
 
-def fsck(path: str, *, repair: bool = False, out: Callable[[str], None] | None = None) -> list[str]:
+def fsck(path: str, *, repair: bool = False, out: Callable[[str], None] | None = None,
+         secret: bytes | None = None) -> list[str]:
     problems: list[str] = []
     say = out or (lambda s: None)
-    with Repository(path, holder="snapfs fsck") as repo:
+    with Repository(path, holder="snapfs fsck", secret=secret) as repo:
         say("checking chunk records")
         problems += check_chunks(repo)
         say("checking references")
@@ -46,27 +46,18 @@ def fsck(path: str, *, repair: bool = False, out: Callable[[str], None] | None =
 
 
 def check_chunks(repo: Repository) -> list[str]:
+    """Read every indexed record: framing, checksum, and (encrypted) its authentication."""
     problems = []
-    fds: dict[int, int] = {}
-    import os
-
-    for cid, pack, offset, length, raw_len in repo.cat.execute(
-            "SELECT id, pack, offset, length, raw_len FROM chunks"):
+    for cid, pack, offset, length, raw_len, digest in repo.cat.execute(
+            "SELECT id, pack, offset, length, raw_len, hash FROM chunks").fetchall():
         if pack < 0:
             continue  # an interrupted write never referenced by a block
-        loc = ChunkLocation(pack, offset, length)
         try:
-            fd = fds.get(pack)
-            if fd is None:
-                fd = fds[pack] = os.open(os.path.join(repo.paths.packs, f"{pack:08d}.pack"),
-                                         os.O_RDONLY)
-            payload, _flags = verify_record(os.pread(fd, length, offset), cid, loc)
+            payload = repo.chunks._read_verified(cid, (ChunkLocation(pack, offset, length), digest))
             if len(payload) != raw_len:
                 problems.append(f"chunk {cid}: length {len(payload)} but index says {raw_len}")
         except (IntegrityError, OSError) as e:
             problems.append(f"chunk {cid}: {e}")
-    for fd in fds.values():
-        os.close(fd)
     return problems
 
 

@@ -73,14 +73,39 @@ def find_target(path: str) -> Target:
         "(use -C REPO or -C MOUNTPOINT)")
 
 
+KEY_FILE: str | None = None  # --key-file, for every command that opens a repository
+
+
+def open_secret(repo: str) -> bytes | None:
+    """What unlocks an encrypted repository: its key file's secret or the passphrase."""
+    from snapfs.crypto.keys import get_passphrase, read_key_file, wrapped_kdf
+    from snapfs.store.repo import load_config
+
+    enc = load_config(repo).encryption
+    if not enc:
+        return None
+    if wrapped_kdf(enc["wrapped"]) == "keyfile":
+        path = KEY_FILE or os.environ.get("SNAPFS_KEY_FILE")
+        if not path:
+            raise UsageError(f"{repo} is encrypted with a key file: give it with --key-file "
+                             "FILE or SNAPFS_KEY_FILE")
+        return read_key_file(path)
+    return get_passphrase(f"Passphrase for {repo}: ")
+
+
+def open_repository(repo: str, holder: str):
+    from snapfs.repository import Repository
+
+    return Repository(repo, holder=holder, secret=open_secret(repo))
+
+
 def run_op(target: Target, req: dict) -> dict:
     """Execute one operation through the daemon, or on the unmounted repository."""
     if control.daemon_alive(target.paths.sock):
         return control.call(target.paths.sock, req)
-    from snapfs.repository import Repository
     from snapfs.vfs.fs import Filesystem
 
-    repo = Repository(target.repo, holder="a snapfs command")
+    repo = open_repository(target.repo, "a snapfs command")
     try:
         fs = Filesystem(repo)
         result = trio.run(control.handle, fs, req)
@@ -92,14 +117,66 @@ def run_op(target: Target, req: dict) -> dict:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_init(args) -> int:
+    chunk_size = parse_size(args.chunk_size)
+    encryption, secret = None, None
     if args.encrypt:
-        raise UsageError("encryption (--encrypt) is not available in this release yet")
-    config = init_repository(args.repo, parse_size(args.chunk_size))
+        encryption, secret = _new_encryption()
+    elif KEY_FILE:
+        raise UsageError("--key-file goes with --encrypt at init")
+    config = init_repository(args.repo, chunk_size, encryption)
     from snapfs.repository import Repository
 
-    Repository(args.repo, holder="snapfs init").close()
+    Repository(args.repo, holder="snapfs init", secret=secret).close()
+    how = ""
+    if encryption:
+        how = ", encrypted with " + ("key file " + KEY_FILE if KEY_FILE else "a passphrase")
     print(f"initialised snapfs repository {os.path.abspath(args.repo)} "
-          f"(chunk size {config.chunk_size // 1024} KiB)")
+          f"(chunk size {config.chunk_size // 1024} KiB{how})")
+    return 0
+
+
+def _new_secret(key_file: str | None, new: bool = False) -> tuple[str, bytes]:
+    """A new wrapping secret: a key file (created 0600 if missing) or a passphrase."""
+    from snapfs.crypto import keys
+
+    if key_file:
+        if os.path.exists(key_file):
+            return "keyfile", keys.read_key_file(key_file)
+        return "keyfile", keys.create_key_file(key_file)
+    env = ("SNAPFS_NEW_PASSPHRASE", "SNAPFS_NEW_PASSPHRASE_FD") if new else \
+        ("SNAPFS_PASSPHRASE", "SNAPFS_PASSPHRASE_FD")
+    prompt = "New passphrase: " if new else "Passphrase: "
+    return "scrypt", keys.get_passphrase(prompt, confirm=True, env=env[0], fd_env=env[1])
+
+
+def _new_encryption() -> tuple[dict, bytes]:
+    from snapfs.crypto import keys
+
+    kdf, secret = _new_secret(KEY_FILE)
+    master = keys.new_master()
+    if kdf == "keyfile":
+        wrapped = keys.wrap_with_key_file(master, secret)
+    else:
+        wrapped = keys.wrap_with_passphrase(master, secret, keys.tune_scrypt())
+    return {"scheme": "aes-256-gcm", "wrapped": wrapped}, secret
+
+
+def cmd_key(args) -> int:
+    """key change: rewrap the master secret (ZFS change-key): no data is rewritten."""
+    from snapfs.crypto import keys
+    from snapfs.store.repo import load_config, write_json_atomic
+
+    target = find_target(args.C)
+    config = load_config(target.repo)
+    if not config.encryption:
+        raise UsageError(f"{target.repo} is not encrypted: there is no key to change")
+    old = open_secret(target.repo)
+    kdf, new = _new_secret(args.new_key_file, new=True)
+    wrapped = keys.rewrap(config.encryption["wrapped"], old, new, kdf=kdf)
+    config.encryption = {**config.encryption, "wrapped": wrapped}
+    write_json_atomic(RepoPaths(target.repo).config, config.to_json(), mode=0o600)
+    kind = "key file" if kdf == "keyfile" else "passphrase"
+    print(f"changed the key of {target.repo} (now a {kind}); no data was rewritten")
     return 0
 
 
@@ -110,7 +187,19 @@ def cmd_mount(args) -> int:
         raise NotARepository(f"{args.repo} is not a snapfs repository; create one with "
                              f"`snapfs init {args.repo}`")
     return mount(args.repo, args.mountpoint, foreground=args.foreground,
-                 allow_other=args.allow_other, commit_every=args.commit_every, debug=args.debug)
+                 allow_other=args.allow_other, commit_every=args.commit_every, debug=args.debug,
+                 secret=_checked_secret(args.repo))
+
+
+def _checked_secret(repo: str) -> bytes | None:
+    """The secret, verified against the wrapped key now (before any fork or mount)."""
+    from snapfs.crypto.keys import unwrap
+    from snapfs.store.repo import load_config
+
+    secret = open_secret(repo)
+    if secret is not None:
+        unwrap(load_config(repo).encryption["wrapped"], secret)
+    return secret
 
 
 def cmd_umount(args) -> int:
@@ -273,7 +362,8 @@ def cmd_fsck(args) -> int:
     if target.mountpoint and control.daemon_alive(target.paths.sock):
         raise UsageError(f"{target.repo} is mounted at {target.mountpoint}: "
                          "unmount it before running fsck")
-    problems = fsck(target.repo, repair=args.repair, out=print if args.verbose else None)
+    problems = fsck(target.repo, repair=args.repair, out=print if args.verbose else None,
+                    secret=open_secret(target.repo))
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
@@ -290,12 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"snapfs {__version__}")
     p.add_argument("-C", metavar="PATH", default=".",
                    help="the repository, or any path inside a mount of it (default: .)")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the key file of an encrypted repository (or SNAPFS_KEY_FILE); with "
+                        "init --encrypt, created if missing")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("init", help="create a repository")
     s.add_argument("repo")
     s.add_argument("--chunk-size", default="128K", help="chunk size, e.g. 64K, 128K (default)")
-    s.add_argument("--encrypt", action="store_true", help="encrypt (not yet available)")
+    s.add_argument("--encrypt", action="store_true",
+                   help="AES-256-GCM for data and names; the key is wrapped by a passphrase "
+                        "(prompt, SNAPFS_PASSPHRASE, SNAPFS_PASSPHRASE_FD) or --key-file")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("mount", help="mount a repository (returns when the mount is ready)")
@@ -351,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what deleting these snapshots would free (deletes nothing)")
     s.set_defaults(func=cmd_stats)
 
+    s = sub.add_parser("key", help="manage the key of an encrypted repository")
+    ks = s.add_subparsers(dest="action", required=True)
+    c = ks.add_parser("change", help="rewrap the data key under a new passphrase or key file")
+    c.add_argument("--new-key-file", metavar="FILE",
+                   help="use this key file (created if missing) instead of a new passphrase "
+                        "(SNAPFS_NEW_PASSPHRASE, SNAPFS_NEW_PASSPHRASE_FD or a prompt)")
+    s.set_defaults(func=cmd_key)
+
     s = sub.add_parser("gc", help="free unreferenced chunks and compact pack files now")
     s.add_argument("--json", action="store_true")
     s.add_argument("--min-dead-ratio", type=float, default=0.25,
@@ -368,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    global KEY_FILE
+    KEY_FILE = args.key_file
     try:
         return args.func(args) or 0
     except SnapfsError as e:

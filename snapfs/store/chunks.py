@@ -19,9 +19,10 @@ from collections import Counter, OrderedDict
 
 import trio
 
+from snapfs.crypto.aead import Aead
 from snapfs.errors import IntegrityError
 from snapfs.store.catalog import Catalog
-from snapfs.store.packs import PackStore
+from snapfs.store.packs import FLAG_ENCRYPTED, PackStore
 from snapfs.types import ChunkLocation
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ class ChunkCache:
 
 class ChunkManager:
     def __init__(self, catalog: Catalog, packs: PackStore, id_key: bytes, *,
-                 cache_bytes: int = 64 * 1024 * 1024) -> None:
+                 cache_bytes: int = 64 * 1024 * 1024, aead: Aead | None = None) -> None:
         self.cat = catalog
         self.packs = packs
         self.id_key = id_key
+        self.aead = aead  # encrypted repository: every record is an AES-GCM envelope
         self.cache = ChunkCache(cache_bytes)
         self._pending: dict[bytes, trio.Event] = {}
         self.pinned: Counter[int] = Counter()
@@ -89,8 +91,7 @@ class ChunkManager:
             # a placeholder left by an interrupted write of the same content is reused
             cid = row[0] if row is not None else self._placeholder(digest, len(payload))
             try:
-                loc = await trio.to_thread.run_sync(
-                    self.packs.append, cid, payload, len(payload), 0)
+                loc = await trio.to_thread.run_sync(self._append_one, cid, digest, payload)
             except BaseException:
                 self.cat.write("DELETE FROM chunks WHERE id=? AND pack<0", (cid,))
                 raise
@@ -99,6 +100,20 @@ class ChunkManager:
         finally:
             del self._pending[digest]
             event.set()
+
+    def _record(self, cid: int, digest: bytes, payload: bytes) -> tuple[int, bytes, int, int]:
+        """The pack record for a payload: sealed under the data key when encrypted, bound
+        to the chunk's identity so that records cannot be swapped."""
+        if self.aead is None:
+            return cid, payload, len(payload), 0
+        return cid, self.aead.seal(payload, b"chunk" + digest), len(payload), FLAG_ENCRYPTED
+
+    def _append(self, items: list[tuple[int, bytes, bytes]]) -> list[ChunkLocation]:
+        """Worker thread: seal (if encrypted) and append a batch with one write."""
+        return self.packs.append_many([self._record(cid, d, p) for cid, d, p in items])
+
+    def _append_one(self, cid: int, digest: bytes, payload: bytes) -> ChunkLocation:
+        return self._append([(cid, digest, payload)])[0]
 
     def _placeholder(self, digest: bytes, raw_len: int) -> int:
         """An index row for a record being written (pack -1 until it is)."""
@@ -150,7 +165,7 @@ class ChunkManager:
         try:
             if new:
                 locs = await trio.to_thread.run_sync(
-                    self.packs.append_many, [(cid, p, len(p), 0) for _, cid, _, p in new])
+                    self._append, [(cid, d, p) for _, cid, d, p in new])
                 for (i, cid, _digest, payload), loc in zip(new, locs, strict=True):
                     self._located(cid, loc, payload)
                     ids[i] = cid
@@ -192,7 +207,7 @@ class ChunkManager:
             return row[0]
         cid = row[0] if row is not None else self._placeholder(digest, len(payload))
         try:
-            loc = self.packs.append(cid, payload, len(payload), 0)
+            loc = self._append_one(cid, digest, payload)
         except BaseException:
             self.cat.write("DELETE FROM chunks WHERE id=? AND pack<0", (cid,))
             raise
@@ -200,17 +215,23 @@ class ChunkManager:
         return cid
 
     # -- reading -----------------------------------------------------------------------------
-    def location(self, cid: int) -> ChunkLocation:
-        row = self.cat.execute("SELECT pack, offset, length FROM chunks WHERE id=?",
+    def location(self, cid: int) -> tuple[ChunkLocation, bytes]:
+        """Where chunk cid is stored, and its identity (the envelope's associated data)."""
+        row = self.cat.execute("SELECT pack, offset, length, hash FROM chunks WHERE id=?",
                                (cid,)).fetchone()
         if row is None or row[0] < 0:
             raise IntegrityError(f"chunk {cid} is referenced but not in the chunk index")
-        return ChunkLocation(*row)
+        return ChunkLocation(*row[:3]), row[3]
 
-    def _read_verified(self, cid: int, loc: ChunkLocation) -> bytes:
+    def _read_verified(self, cid: int, where: tuple[ChunkLocation, bytes]) -> bytes:
+        loc, digest = where
         payload, flags = self.packs.read(cid, loc)
-        if flags:
-            raise IntegrityError(f"chunk {cid} is encrypted but this repository has no key")
+        if flags & FLAG_ENCRYPTED:
+            if self.aead is None:
+                raise IntegrityError(f"chunk {cid} is encrypted but this repository has no key")
+            return self.aead.open(payload, b"chunk" + digest, f"chunk {cid}")
+        if self.aead is not None:
+            raise IntegrityError(f"chunk {cid} is stored unencrypted in an encrypted repository")
         return payload
 
     async def get(self, cid: int) -> bytes:

@@ -84,8 +84,14 @@ def valid_chunk_size(chunk_size: int) -> bool:
             and not chunk_size & (chunk_size - 1))
 
 
-def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> RepoConfig:
-    """Create the directory skeleton and configuration (the catalog is created on open)."""
+def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                    encryption: dict | None = None) -> RepoConfig:
+    """Create the directory skeleton and configuration (the catalog is created on open).
+
+    encryption, for an encrypted repository, is {"scheme": "aes-256-gcm", "wrapped": ...}:
+    the master secret wrapped by a passphrase or key file. Its keys (the chunk identity
+    key among them) are derived from the master, so no key is stored in clear.
+    """
     if not valid_chunk_size(chunk_size):
         raise UsageError(
             f"chunk size {chunk_size} must be a power of two between "
@@ -97,7 +103,8 @@ def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE) -> RepoConf
     if os.path.isdir(paths.root) and os.listdir(paths.root):
         raise UsageError(f"{paths.root} exists and is not empty: choose an empty or new directory")
     created_root = not os.path.isdir(paths.root)
-    config = RepoConfig(FORMAT_VERSION, chunk_size, secrets.token_hex(16), secrets.token_bytes(32))
+    id_key = b"" if encryption else secrets.token_bytes(32)
+    config = RepoConfig(FORMAT_VERSION, chunk_size, secrets.token_hex(16), id_key, encryption)
     try:
         os.makedirs(paths.packs, exist_ok=True)
         write_json_atomic(paths.config, config.to_json(), mode=0o600)

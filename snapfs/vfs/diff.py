@@ -69,8 +69,8 @@ def diff(fs: Filesystem, a_name: str, b_name: str, *, chunks: bool = False) -> d
             f"SELECT DISTINCT ino, idx FROM blocks WHERE vertex IN ({marks})"):
         touched_blocks.setdefault(ino, set()).add(idx)
     touched_inos.update(touched_blocks)
-    touched_entries = set(fs.cat.execute(
-        f"SELECT DISTINCT parent, name FROM dirents WHERE vertex IN ({marks})"))
+    touched_entries = {(parent, fs.meta.name_dec(parent, name)) for parent, name in fs.cat.execute(
+        f"SELECT DISTINCT parent, name FROM dirents WHERE vertex IN ({marks})")}
 
     def entry(view: View, parent: int, name: bytes) -> int | None:
         try:

@@ -36,6 +36,7 @@ class Filesystem:
         self.graph = repo.graph
         self.chunks = repo.chunks
         self.chunk_size = repo.chunk_size
+        self.meta = repo.meta
         self.max_file_size = MAX_FILE_SIZE
         self.dirty_limit = dirty_limit
         self.volume_views: dict[str, View] = {}

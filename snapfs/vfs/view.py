@@ -105,6 +105,7 @@ class View:
         self.fs = fs
         self.graph = fs.graph
         self.cat = fs.cat
+        self.meta = fs.meta  # names, targets and xattrs pass through it (encryption)
         self.kind = kind
         self.key = key
         self.inodes: dict[int, Inode] = {}
@@ -193,7 +194,9 @@ class View:
         row = self._pick(self.cat.execute(
             "SELECT vertex, mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, "
             "target FROM inodes WHERE ino=?", (ino,)))
-        return None if row is None else row[1:]
+        if row is None:
+            return None
+        return (*row[1:10], self.meta.target_dec(ino, row[10]))
 
     def _pick(self, rows):
         """From (vertex, ...) rows, the one of the nearest ancestor-or-self, or None."""
@@ -219,8 +222,10 @@ class View:
         return node
 
     def _save(self, node: Inode) -> None:
+        row = node.row()
         self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (node.ino, self.draft_id(), *node.row()))
+                       (node.ino, self.draft_id(), *row[:9],
+                        self.meta.target_enc(node.ino, row[9])))
         node.dirty = False
 
     def _touch(self, node: Inode, *, mtime: bool = True, now: int | None = None) -> None:
@@ -270,7 +275,9 @@ class View:
                 depth = chain.get(vertex, -1)
                 if depth >= 0 and depth > best.get(name, (-1, 0))[0]:
                     best[name] = (depth, ino)
-            dir_node.entries = {name: ino for name, (_, ino) in best.items() if ino}
+            dec = self.meta.name_dec
+            dir_node.entries = {dec(dir_node.ino, name): ino
+                                for name, (_, ino) in best.items() if ino}
         return dir_node.entries
 
     def lookup(self, parent: int, name: bytes) -> Inode:
@@ -284,11 +291,13 @@ class View:
     def _set_entry(self, dir_node: Inode, name: bytes, ino: int) -> None:
         self.entries(dir_node)[name] = ino
         self.cat.write("INSERT OR REPLACE INTO dirents VALUES (?,?,?,?)",
-                       (dir_node.ino, name, self.draft_id(), ino))
+                       (dir_node.ino, self.meta.name_enc(dir_node.ino, name), self.draft_id(),
+                        ino))
 
     def _del_entry(self, dir_node: Inode, name: bytes) -> None:
         del self.entries(dir_node)[name]
         draft = self.draft_id()
+        name = self.meta.name_enc(dir_node.ino, name)
         inherited = self.graph.vertices[draft].parent is not None and self._pick(
             row for row in self.cat.execute(
                 "SELECT vertex, ino FROM dirents WHERE parent=? AND name=?",
@@ -319,6 +328,7 @@ class View:
                 best[row[1]] = (depth, *row[1:])
         for ino, (_, *fields) in best.items():
             if ino not in self.inodes and fields[1] != 0:
+                fields[-1] = self.meta.target_dec(ino, fields[-1])
                 self.inodes[ino] = Inode(*fields)
 
     def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, **kw) -> Inode:
@@ -566,7 +576,12 @@ class View:
                 depth = chain.get(vertex, -1)
                 if depth >= 0 and depth > best.get(name, (-1, None))[0]:
                     best[name] = (depth, value)
-            node.xattrs = {n: v for n, (_, v) in best.items() if v is not None}
+            meta, ino = self.meta, node.ino
+            node.xattrs = {}
+            for blob, (_, value) in best.items():
+                if value is not None:
+                    name = meta.xname_dec(ino, blob)
+                    node.xattrs[name] = meta.xvalue_dec(ino, name, value)
         return node.xattrs
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
@@ -593,7 +608,8 @@ class View:
             raise FsError(errno.ENODATA)
         attrs[name] = bytes(value)
         self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
-                       (ino, name, self.draft_id(), bytes(value)))
+                       (ino, self.meta.xname_enc(ino, name), self.draft_id(),
+                        self.meta.xvalue_enc(ino, name, bytes(value))))
         self._touch(node, mtime=False)
         self._save(node)
 
@@ -604,7 +620,7 @@ class View:
             raise FsError(errno.ENODATA)
         del attrs[name]
         self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,NULL)",
-                       (ino, name, self.draft_id()))
+                       (ino, self.meta.xname_enc(ino, name), self.draft_id()))
         self._touch(node, mtime=False)
         self._save(node)
 

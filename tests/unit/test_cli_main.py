@@ -131,11 +131,14 @@ def test_init_with_a_bad_chunk_size(tmp_path, size):
     assert not is_repository(str(repo))
 
 
-def test_init_encrypt_leaves_nothing_behind(tmp_path):
-    """--encrypt is refused in this release; the refusal must not leave a half-made
-    repository that a retry without --encrypt then refuses as 'already a repository'."""
+def test_init_encrypt_leaves_nothing_behind(tmp_path, monkeypatch):
+    """--encrypt with no passphrase source (no variable, no terminal) is refused; the
+    refusal must not leave a half-made repository that a retry then refuses as 'already
+    a repository'."""
+    monkeypatch.delenv("SNAPFS_PASSPHRASE", raising=False)
+    monkeypatch.delenv("SNAPFS_PASSPHRASE_FD", raising=False)
     repo = str(tmp_path / "r")
-    assert_one_line_error(snapfs("init", repo, "--encrypt"), contains="encrypt")
+    assert_one_line_error(snapfs("init", repo, "--encrypt"), contains="passphrase")
     assert not is_repository(repo)
     assert snapfs("init", repo).returncode == 0
 
