@@ -78,10 +78,48 @@ async def handle(fs: Filesystem, req: dict) -> dict:
         result = await fs.gc(min_dead_ratio=float(req.get("min_dead_ratio", 0.25)))
         result.update(fs.collector.report())
         return result
+    if op in ("site-key-create", "site-key-import", "site-key-list", "export", "import"):
+        return await _exchange(fs, op, req)
     if op == "sync":
         await fs.sync()
         return {}
     raise UsageError(f"unknown operation {op!r}")
+
+
+async def _exchange(fs: Filesystem, op: str, req: dict) -> dict:
+    from snapfs import exchange
+    from snapfs.crypto.sitekeys import read_site_key_file
+
+    if op == "site-key-create":
+        exchange.create_site(fs, req["site"], req["path"])
+        await fs.commit_catalog(durable=True)
+        return {"site": req["site"], "path": req["path"]}
+    if op == "site-key-import":
+        key = read_site_key_file(req["path"])
+        if key.site != req["site"]:
+            raise UsageError(f"{req['path']} holds the key of site {key.site!r}, "
+                             f"not {req['site']!r}")
+        exchange.store_site_key(fs, key)
+        await fs.commit_catalog(durable=True)
+        return {"site": key.site}
+    if op == "site-key-list":
+        return {"sites": [s for (s,) in fs.cat.execute("SELECT site FROM site_keys ORDER BY 1")]}
+    if op == "export":
+        await fs.flush_dirty()
+        with open(req["path"], "wb") as out:
+            summary = exchange.export(fs, req["snapshot"], req.get("since"), req["site"], out,
+                                      progress=req.get("progress") and _progress)
+            out.flush()
+            os.fsync(out.fileno())
+        return summary
+    await fs.commit_catalog(durable=False)  # import runs in its own transaction
+    return exchange.import_bundle(fs, req["path"])
+
+
+def _progress(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def reclaim(fs: Filesystem, spec: str) -> dict:

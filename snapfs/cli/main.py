@@ -355,6 +355,66 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_site_key(args) -> int:
+    target = find_target(args.C)
+    if args.action == "create":
+        path = os.path.abspath(args.output)
+        run_op(target, {"op": "site-key-create", "site": args.site, "path": path})
+        print(f"created the key of site {args.site} in {path} (mode 0600); give that file to "
+              f"the site, which adds it with `snapfs site-key import {args.site} FILE`")
+    elif args.action == "import":
+        run_op(target, {"op": "site-key-import", "site": args.site,
+                        "path": os.path.abspath(args.file)})
+        print(f"added the key of site {args.site}")
+    else:
+        for site in run_op(target, {"op": "site-key-list"})["sites"]:
+            print(site)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import shutil
+    import tempfile
+
+    target = find_target(args.C)
+    to_stdout = args.output == "-"
+    path = tempfile.mkstemp(prefix="snapfs-export-")[1] if to_stdout else \
+        os.path.abspath(args.output)
+    try:
+        res = run_op(target, {"op": "export", "snapshot": args.snapshot, "since": args.since,
+                              "site": args.site, "path": path,
+                              "progress": sys.stderr.isatty()})
+        if to_stdout:
+            with open(path, "rb") as f:
+                shutil.copyfileobj(f, sys.stdout.buffer, 1 << 20)
+            sys.stdout.flush()
+    finally:
+        if to_stdout:
+            os.unlink(path)
+    print(f"exported {res['snapshot']}" + (f" since {res['base']}" if res["base"] else "")
+          + f": {res['chunks']} chunks ({_fmt_bytes(res['chunk_bytes'])}), "
+          f"bundle {_fmt_bytes(res['bundle_bytes'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args) -> int:
+    from snapfs.exchange import spool_stdin
+
+    target = find_target(args.repo)
+    path = spool_stdin() if args.bundle == "-" else os.path.abspath(args.bundle)
+    try:
+        res = run_op(target, {"op": "import", "path": path})
+    finally:
+        if args.bundle == "-":
+            os.unlink(path)
+    if res.get("already_imported"):
+        print(f"already imported: {res['snapshot']} (nothing changed)")
+    else:
+        print(f"imported {res['snapshot']} (parent {res['parent'] or '-'}, delta "
+              f"{res['delta']} chunks, {res['chunks_received']} chunks received)")
+    return 0
+
+
 def cmd_fsck(args) -> int:
     from snapfs.fsck import fsck
 
@@ -445,6 +505,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reclaim", metavar="A..B|A,B,...",
                    help="what deleting these snapshots would free (deletes nothing)")
     s.set_defaults(func=cmd_stats)
+
+    s = sub.add_parser("site-key", help="keys for exchanging snapshots with another site")
+    ks = s.add_subparsers(dest="action", required=True)
+    c = ks.add_parser("create", help="create a site's key; the repository keeps it wrapped")
+    c.add_argument("site")
+    c.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="write the key here (mode 0600) for the remote site")
+    c = ks.add_parser("import", help="add the key file a site was given")
+    c.add_argument("site")
+    c.add_argument("file")
+    ks.add_parser("list", help="list the sites this repository has keys for")
+    s.set_defaults(func=cmd_site_key)
+
+    s = sub.add_parser("export", help="write a snapshot (or its changes since an ancestor) "
+                                      "as a bundle encrypted for a site")
+    s.add_argument("snapshot")
+    s.add_argument("--since", metavar="PARENT", help="only what SNAPSHOT adds over PARENT")
+    s.add_argument("--site", required=True, help="the site whose key encrypts the bundle")
+    s.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="file, or - for stdout")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("import", help="verify a bundle completely, then add its snapshot")
+    s.add_argument("bundle", help="file, or - for stdin")
+    s.add_argument("repo", help="the repository (or a path in its mount)")
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("key", help="manage the key of an encrypted repository")
     ks = s.add_subparsers(dest="action", required=True)

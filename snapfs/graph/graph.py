@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from pyroaring import BitMap
@@ -86,6 +87,16 @@ class Graph:
         self._load()
 
     # -- loading ---------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read everything from the catalog (after a rolled-back transaction)."""
+        self.vertices.clear()
+        self.children.clear()
+        self.by_name.clear()
+        self._refs.clear()
+        self._chains.clear()
+        self.version += 1
+        self._load()
+
     def _load(self) -> None:
         rows = self.cat.execute(
             "SELECT id, parent, kind, volume, label, created, delta, referenced, added, removed "
@@ -167,6 +178,20 @@ class Graph:
         self.version += 1
         return v
 
+    def add_imported(self, parent: int | None, volume: str, label: str, created: float,
+                     uuid_: str) -> Vertex:
+        """A snapshot vertex arriving from another site (its rows are added by the caller)."""
+        self.check_label(volume, label)
+        vid = VertexId(self._next_id("next_vertex"))
+        v = Vertex(vid, parent, "snapshot", volume, label, created)
+        self.cat.write(
+            "INSERT INTO vertices (id, parent, kind, volume, label, name, created, sealed, "
+            "uuid) VALUES (?,?,?,?,?,?,?,?,?)",
+            (vid, parent, "snapshot", volume, label, v.name, created, time.time(), uuid_))
+        self._add_vertex(v)
+        self.version += 1
+        return v
+
     def create_volume(self, name: str, source: str | None = None) -> Vertex:
         """A new volume: an empty root draft, or a clone (a draft over a snapshot, O(1))."""
         check_name("volume", name)
@@ -213,9 +238,9 @@ class Graph:
         draft.kind, draft.label = "snapshot", label
         self.cat.write(
             "UPDATE vertices SET kind='snapshot', label=?, name=?, sealed=?, delta=?, "
-            "referenced=?, added=?, removed=? WHERE id=?",
+            "referenced=?, added=?, removed=?, uuid=? WHERE id=?",
             (label, name, time.time(), draft.delta, draft.referenced,
-             draft.added.serialize(), draft.removed.serialize(), draft.id))
+             draft.added.serialize(), draft.removed.serialize(), str(uuid.uuid4()), draft.id))
         self.by_name[name] = draft.id
         self._refs.pop(draft.id, None)
         self.version += 1

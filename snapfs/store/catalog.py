@@ -22,6 +22,8 @@ is the nearest ancestor-or-self of v (see vfs/view.py).
     chunks(id, hash, pack, offset, length, raw_len)
         hash = HMAC-SHA256(id key, plaintext): the identity used for deduplication.
         A chunk in no vertex's added set is held by nothing: garbage for the collector.
+    site_keys(site, wrapped)   keys of remote sites, wrapped under a repository key
+    imports(bundle, vertex, imported)   bundles already imported (a replay is a no-op)
     vertex_chunks(vertex, chunk, refs, presence)
         refs: change in the number of references to chunk in this vertex vs its parent;
         presence: +1 chunk entered C(v) here (in delta), -1 left it, 0 no change.
@@ -56,7 +58,8 @@ CREATE TABLE IF NOT EXISTS vertices (
     delta INTEGER NOT NULL DEFAULT 0,
     referenced INTEGER NOT NULL DEFAULT 0,
     added BLOB,
-    removed BLOB
+    removed BLOB,
+    uuid TEXT UNIQUE  -- a snapshot's identity across sites (export/import)
 );
 CREATE INDEX IF NOT EXISTS vertices_by_parent ON vertices (parent);
 CREATE TABLE IF NOT EXISTS volumes (
@@ -89,6 +92,7 @@ CREATE TABLE IF NOT EXISTS blocks (
     PRIMARY KEY (ino, idx, vertex)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blocks_by_vertex ON blocks (vertex);
+CREATE INDEX IF NOT EXISTS blocks_by_chunk ON blocks (chunk);  -- a place holding a chunk
 CREATE TABLE IF NOT EXISTS xattrs (
     ino INTEGER NOT NULL, name BLOB NOT NULL, vertex INTEGER NOT NULL, value BLOB,
     PRIMARY KEY (ino, name, vertex)
@@ -106,6 +110,8 @@ CREATE TABLE IF NOT EXISTS vertex_chunks (
     PRIMARY KEY (vertex, chunk)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS vertex_chunks_by_chunk ON vertex_chunks (chunk, vertex);
+CREATE TABLE IF NOT EXISTS site_keys (site TEXT PRIMARY KEY, wrapped TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS imports (bundle TEXT PRIMARY KEY, vertex INTEGER, imported REAL);
 """
 
 

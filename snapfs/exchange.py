@@ -1,0 +1,400 @@
+"""Exporting snapshots to another site and importing them (SPEC section 7).
+
+A bundle is an authenticated record stream (crypto/sitekeys.py) under a site key that
+both sites hold. Its records, in order:
+
+    b"H" + JSON   header: source repository, chunk size, the snapshot (uuid, volume,
+                  label, created) and its base (uuid, name) for an incremental bundle
+    b"C" + u64 + payload   one delta chunk (plaintext inside the site's encryption)
+    b"R" + JSON   a batch of rows: inodes, dirents, blocks, xattrs (bytes as hex)
+    trailer JSON  counts
+
+Full bundle: every row of the snapshot's tree, every chunk it references.
+Incremental bundle (--since P, an ancestor): the rows written on the path from P down to
+the snapshot, resolved (the nearest version of each key, tombstones included), and only
+the chunks the snapshot holds that P does not: exactly its delta over P. A block whose
+chunk P already has is sent as a reference to a place in P that holds it ("p", ino,
+idx), which the receiver resolves in its own copy of P; a new one as ("d", n), the n-th
+chunk record. Inode numbers travel unchanged: they are unique along every chain.
+
+Import verifies the whole bundle (spooled to a file first) before it changes anything,
+refuses a bundle whose base it lacks (naming it), a bundle from itself, and a second
+import of the same bundle (a no-op). Everything is added in one catalog transaction
+after the new pack records are synced: a kill in the middle leaves the repository as it
+was, plus unreferenced records for the collector.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import struct
+import sys
+import tempfile
+import time
+import uuid as uuidlib
+from collections import Counter
+from collections.abc import Callable
+from typing import BinaryIO
+
+from pyroaring import BitMap
+
+from snapfs.crypto.aead import Aead, hkdf
+from snapfs.crypto.sitekeys import (
+    BundleReader,
+    BundleWriter,
+    SiteKey,
+    check_site_name,
+    create_site_key,
+    unwrap_site_key,
+    verify_all,
+    wrap_site_key,
+    write_site_key_file,
+)
+from snapfs.errors import AlreadyExists, FormatError, NotFound, Refused, UsageError
+from snapfs.fsck import tree_counts
+from snapfs.graph import accounting
+from snapfs.graph.graph import Vertex
+from snapfs.types import ROOT_INO
+from snapfs.vfs.fs import Filesystem
+from snapfs.vfs.view import PinnedView, View
+
+log = logging.getLogger(__name__)
+U64 = struct.Struct("<Q")
+ROWS_PER_RECORD = 2000
+BUNDLE_KIND = "snapfs-bundle"
+
+
+# -- site keys -----------------------------------------------------------------------------
+def _site_wrapper(fs: Filesystem) -> Aead:
+    keys = fs.repo.keys
+    base = keys.meta_key if keys is not None else fs.repo.config.id_key
+    return Aead(hkdf(base, b"snapfs/v1/site-keys"))
+
+
+def store_site_key(fs: Filesystem, site_key: SiteKey) -> None:
+    if fs.cat.execute("SELECT 1 FROM site_keys WHERE site=?", (site_key.site,)).fetchone():
+        raise AlreadyExists(f"site {site_key.site} already has a key in this repository")
+    wrapped = json.dumps(wrap_site_key(_site_wrapper(fs), site_key))
+    fs.cat.write("INSERT INTO site_keys VALUES (?,?)", (site_key.site, wrapped))
+
+
+def site_key(fs: Filesystem, site: str) -> SiteKey:
+    row = fs.cat.execute("SELECT wrapped FROM site_keys WHERE site=?", (site,)).fetchone()
+    if row is None:
+        raise NotFound(f"this repository has no key for site {site!r}: create one with "
+                       f"`snapfs site-key create {site} -o FILE` or add the site's file with "
+                       f"`snapfs site-key import {site} FILE`")
+    return unwrap_site_key(_site_wrapper(fs), json.loads(row[0]))
+
+
+def create_site(fs: Filesystem, site: str, path: str) -> None:
+    check_site_name(site)
+    key = SiteKey(site, create_site_key(site))
+    store_site_key(fs, key)
+    write_site_key_file(path, key)
+
+
+# -- export ----------------------------------------------------------------------------------
+def _hex(b: bytes | None) -> str | None:
+    return None if b is None else b.hex()
+
+
+def _unhex(s: str | None) -> bytes | None:
+    return None if s is None else bytes.fromhex(s)
+
+
+class _Rows:
+    """The rows of a bundle, in plaintext, and the chunks they need."""
+
+    def __init__(self) -> None:
+        self.inodes: list = []
+        self.dirents: list = []
+        self.blocks: list = []  # (ino, idx, chunk id at the source)
+        self.xattrs: list = []
+        self.max_ino = ROOT_INO
+
+
+def _inode_row(node) -> list:
+    return [node.ino, node.mode, node.nlink, node.uid, node.gid, node.size, node.atime_ns,
+            node.mtime_ns, node.ctime_ns, node.rdev, _hex(node.target)]
+
+
+def _full_rows(view: View) -> _Rows:
+    rows = _Rows()
+    stack, seen = [ROOT_INO], set()
+    while stack:
+        ino = stack.pop()
+        if ino in seen:
+            continue
+        seen.add(ino)
+        node = view.get(ino)
+        rows.inodes.append(_inode_row(node))
+        rows.max_ino = max(rows.max_ino, ino)
+        for name, value in view._xattrs(node).items():
+            rows.xattrs.append([ino, name.hex(), value.hex()])
+        if node.is_dir:
+            for name, child in view.listdir(ino):
+                rows.dirents.append([ino, name.hex(), child])
+                stack.append(child)
+        elif stat.S_ISREG(node.mode):
+            for idx in range(view._nblocks(node.size)):
+                chunk = view.block(node, idx)
+                if chunk:
+                    rows.blocks.append((ino, idx, chunk))
+    return rows
+
+
+def _incremental_rows(fs: Filesystem, view: View, base: Vertex, snap: Vertex) -> _Rows:
+    """The resolved rows written on the path from base (exclusive) down to snap."""
+    chain = fs.graph.chain(snap.id)
+    path = [v for v, depth in chain.items() if depth > chain[base.id]]
+    marks = ",".join(map(str, path)) or "NULL"
+    rows = _Rows()
+    meta = fs.meta
+    for (ino,) in fs.cat.execute(f"SELECT DISTINCT ino FROM inodes WHERE vertex IN ({marks})"):
+        row = view._resolve_inode(ino)
+        if row is not None:
+            rows.inodes.append([ino, *row[:9], _hex(row[9])])
+            rows.max_ino = max(rows.max_ino, ino)
+    for parent, blob in fs.cat.execute(
+            f"SELECT DISTINCT parent, name FROM dirents WHERE vertex IN ({marks})"):
+        picked = view._pick(fs.cat.execute(
+            "SELECT vertex, ino FROM dirents WHERE parent=? AND name=?", (parent, blob)))
+        rows.dirents.append([parent, meta.name_dec(parent, blob).hex(), picked[1]])
+    for ino, idx in fs.cat.execute(
+            f"SELECT DISTINCT ino, idx FROM blocks WHERE vertex IN ({marks})"):
+        picked = view._pick(fs.cat.execute(
+            "SELECT vertex, chunk FROM blocks WHERE ino=? AND idx=?", (ino, idx)))
+        rows.blocks.append((ino, idx, picked[1]))
+    for ino, blob in fs.cat.execute(
+            f"SELECT DISTINCT ino, name FROM xattrs WHERE vertex IN ({marks})"):
+        picked = view._pick(fs.cat.execute(
+            "SELECT vertex, value FROM xattrs WHERE ino=? AND name=?", (ino, blob)))
+        name = meta.xname_dec(ino, blob)
+        value = meta.xvalue_dec(ino, name, picked[1])
+        rows.xattrs.append([ino, name.hex(), _hex(value)])
+    return rows
+
+
+def _live_inodes(view: View, inos: set[int]) -> set[int]:
+    live = set()
+    for ino in inos:
+        try:
+            if view.get(ino).nlink:
+                live.add(ino)
+        except Exception:  # noqa: BLE001 - gone in this tree
+            continue
+    return live
+
+
+def _place_in(view: View, chunk: int) -> tuple[int, int] | None:
+    """A block of view's tree that holds chunk: how the receiver finds it in its copy."""
+    for ino, idx in view.cat.execute("SELECT DISTINCT ino, idx FROM blocks WHERE chunk=?",
+                                     (chunk,)):
+        try:
+            node = view.get(ino)
+        except Exception:  # noqa: BLE001 - not in this tree
+            continue
+        if node.nlink and idx < view._nblocks(node.size) and view.block(node, idx) == chunk:
+            return ino, idx
+    return None
+
+
+def export(fs: Filesystem, snapshot: str, since: str | None, site: str, out: BinaryIO,
+           progress: Callable[[str], None] | None = None) -> dict:
+    g = fs.graph
+    snap = g.snapshot(snapshot)
+    base = g.snapshot(since) if since else None
+    if base is not None and base.id not in g.chain(snap.id):
+        raise UsageError(f"--since {since} is not an ancestor of {snapshot}: an incremental "
+                         "bundle follows one line of snapshots")
+    key = site_key(fs, site)
+    view = PinnedView(fs, snap.id)
+    rows = _full_rows(view) if base is None else _incremental_rows(fs, view, base, snap)
+    base_view = PinnedView(fs, base.id) if base is not None else None
+    base_chunks = accounting.contents(g, base.id) if base is not None else BitMap()
+    delta: dict[int, int] = {}  # source chunk id -> index in the bundle
+    block_rows = []
+    live = _live_inodes(view, {ino for ino, _, _ in rows.blocks})
+    for ino, idx, chunk in rows.blocks:
+        if ino not in live:
+            continue  # a deleted file: its tombstone is enough
+        if not chunk:
+            block_rows.append([ino, idx, 0])
+        elif chunk in base_chunks and (place := _place_in(base_view, chunk)) is not None:
+            block_rows.append([ino, idx, ["p", *place]])
+        else:
+            n = delta.setdefault(chunk, len(delta))
+            block_rows.append([ino, idx, ["d", n]])
+    header = {
+        "kind": BUNDLE_KIND, "version": 1, "source_repo": fs.repo.config.repo_id,
+        "chunk_size": fs.chunk_size, "max_ino": rows.max_ino,
+        "snapshot": {"uuid": _uuid_of(fs, snap), "volume": snap.volume, "label": snap.label,
+                     "created": snap.created},
+        "base": None if base is None else {"uuid": _uuid_of(fs, base), "name": base.name},
+    }
+    writer = BundleWriter(out, key)
+    writer.write_record(b"H" + json.dumps(header).encode())
+    sent = 0
+    started = time.monotonic()
+    for chunk, n in sorted(delta.items(), key=lambda kv: kv[1]):
+        payload = fs.chunks.get_sync(chunk)
+        writer.write_record(b"C" + U64.pack(n) + payload)
+        sent += len(payload)
+        if progress and n % 512 == 511:
+            rate = sent / max(time.monotonic() - started, 1e-6) / 2**20
+            progress(f"exported {n + 1}/{len(delta)} chunks, {sent / 2**20:.0f} MiB "
+                     f"({rate:.0f} MiB/s)")
+    for kind, items in (("inodes", rows.inodes), ("dirents", rows.dirents),
+                        ("blocks", block_rows), ("xattrs", rows.xattrs)):
+        for i in range(0, len(items), ROWS_PER_RECORD):
+            writer.write_record(b"R" + json.dumps({kind: items[i:i + ROWS_PER_RECORD]}).encode())
+    summary = {"snapshot": snapshot, "base": since, "chunks": len(delta), "chunk_bytes": sent,
+               "inodes": len(rows.inodes), "blocks": len(block_rows)}
+    writer.close(json.dumps(summary).encode())
+    summary["bundle_bytes"] = writer.bytes_written
+    log.info("exported %s%s for site %s: %d chunks", snapshot,
+             f" since {since}" if since else "", site, len(delta))
+    return summary
+
+
+def _uuid_of(fs: Filesystem, v: Vertex) -> str:
+    row = fs.cat.execute("SELECT uuid FROM vertices WHERE id=?", (v.id,)).fetchone()
+    if row and row[0]:
+        return row[0]
+    value = str(uuidlib.uuid4())  # a snapshot made before uuids: give it one now
+    fs.cat.write("UPDATE vertices SET uuid=? WHERE id=?", (value, v.id))
+    return value
+
+
+# -- import -------------------------------------------------------------------------------------
+def import_bundle(fs: Filesystem, path: str) -> dict:
+    """Verify the whole bundle, then add its snapshot in one transaction."""
+    def lookup(site: str) -> SiteKey:
+        return site_key(fs, site)
+
+    with tempfile.TemporaryFile(dir=fs.repo.paths.root) as spool:
+        with open(path, "rb") as f:
+            bundle_id = verify_all(f, lookup, copy_to=spool).hex()
+        done = fs.cat.execute("SELECT vertex FROM imports WHERE bundle=?",
+                              (bundle_id,)).fetchone()
+        if done is not None:
+            v = fs.graph.vertices.get(done[0])
+            return {"snapshot": v.name if v else None, "already_imported": True}
+        spool.seek(0)
+        reader = BundleReader(spool, lookup)
+        try:
+            result = _apply(fs, iter(reader), bundle_id)
+        except BaseException:
+            fs.cat.rollback()
+            fs.graph.reload()
+            raise
+    return result
+
+
+def _apply(fs: Filesystem, records, bundle_id: str) -> dict:
+    g, cat = fs.graph, fs.cat
+    first = next(records, None)
+    if not first or first[:1] != b"H":
+        raise FormatError("bundle has no header record")
+    header = json.loads(first[1:])
+    if header.get("kind") != BUNDLE_KIND or header.get("version") != 1:
+        raise FormatError("not a snapfs bundle of a version this snapfs reads")
+    if header["source_repo"] == fs.repo.config.repo_id:
+        raise Refused("this bundle was exported by this repository itself")
+    if header["chunk_size"] != fs.chunk_size:
+        raise Refused(f"bundle chunk size {header['chunk_size']} differs from this "
+                      f"repository's {fs.chunk_size}")
+    snap = header["snapshot"]
+    if cat.execute("SELECT 1 FROM vertices WHERE uuid=?", (snap["uuid"],)).fetchone():
+        raise AlreadyExists(f"this repository already has snapshot {snap['volume']}@"
+                            f"{snap['label']} (same identity)")
+    name = f"{snap['volume']}@{snap['label']}"
+    if name in g.by_name:
+        raise AlreadyExists(f"a different snapshot named {name} exists here")
+    parent = None
+    if header["base"] is not None:
+        row = cat.execute("SELECT id FROM vertices WHERE uuid=?",
+                          (header["base"]["uuid"],)).fetchone()
+        if row is None:
+            raise NotFound(f"this repository lacks the bundle's base snapshot "
+                           f"{header['base']['name']}: import that first")
+        parent = row[0]
+    payloads: dict[int, bytes] = {}
+    rows: dict[str, list] = {"inodes": [], "dirents": [], "blocks": [], "xattrs": []}
+    for rec in records:
+        if rec[:1] == b"C":
+            (n,) = U64.unpack_from(rec, 1)
+            payloads[n] = bytes(rec[9:])
+        elif rec[:1] == b"R":
+            for kind, items in json.loads(rec[1:]).items():
+                rows[kind].extend(items)
+        else:
+            raise FormatError("unknown record in bundle")
+    # new chunks first: stored and synced before any row references them
+    ids = {n: (fs.chunks.put_sync(p) if p else 0) for n, p in payloads.items()}
+    fs.repo.packs.sync()
+    v = g.add_imported(parent, snap["volume"], snap["label"], snap["created"], snap["uuid"])
+    meta, pv = fs.meta, PinnedView(fs, parent) if parent is not None else None
+    for r in rows["inodes"]:
+        ino, target = r[0], _unhex(r[10])
+        cat.write("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                  (ino, v.id, *r[1:10], meta.target_enc(ino, target)))
+    for parent_ino, name_hex, ino in rows["dirents"]:
+        cat.write("INSERT INTO dirents VALUES (?,?,?,?)",
+                  (parent_ino, meta.name_enc(parent_ino, bytes.fromhex(name_hex)), v.id, ino))
+    for ino, idx, ref in rows["blocks"]:
+        if ref == 0:
+            chunk = 0
+        elif ref[0] == "d":
+            chunk = ids[ref[1]]
+        else:
+            chunk = pv.block(pv.get(ref[1]), ref[2]) if pv is not None else 0
+            if not chunk:
+                raise FormatError("bundle refers to a block its base does not have here")
+        cat.write("INSERT INTO blocks VALUES (?,?,?,?)", (ino, idx, v.id, chunk))
+    for ino, name_hex, value_hex in rows["xattrs"]:
+        name = bytes.fromhex(name_hex)
+        cat.write("INSERT INTO xattrs VALUES (?,?,?,?)",
+                  (ino, meta.xname_enc(ino, name), v.id,
+                   meta.xvalue_enc(ino, name, _unhex(value_hex))))
+    _account(fs, v)
+    if int(cat.meta_get("next_ino", 2)) <= header["max_ino"]:
+        cat.meta_set("next_ino", header["max_ino"] + 1)
+    cat.write("INSERT INTO imports VALUES (?,?,?)", (bundle_id, v.id, time.time()))
+    cat.commit()
+    cat.sync_wal()
+    log.info("imported %s (delta %d chunks, %d new)", v.name, v.delta, len(payloads))
+    return {"snapshot": v.name, "parent": g.vertices[parent].name if parent else None,
+            "delta": v.delta, "chunks_received": len(payloads)}
+
+
+def _account(fs: Filesystem, v: Vertex) -> None:
+    """Reference counts of the imported vertex against its parent, from both trees."""
+    mine = tree_counts(PinnedView(fs, v.id))
+    base = tree_counts(PinnedView(fs, v.parent)) if v.parent is not None else Counter()
+    for chunk in set(mine) | set(base):
+        refs = mine[chunk] - base[chunk]
+        if not refs:
+            continue
+        presence = 1 if base[chunk] == 0 else -1 if mine[chunk] == 0 else 0
+        fs.cat.write("INSERT INTO vertex_chunks VALUES (?,?,?,?)", (v.id, chunk, refs, presence))
+        if presence == 1:
+            v.added.add(chunk)
+        elif presence == -1:
+            v.removed.add(chunk)
+    v.delta, v.referenced = len(v.added), len(mine)
+    fs.cat.write("UPDATE vertices SET delta=?, referenced=?, added=?, removed=? WHERE id=?",
+                 (v.delta, v.referenced, v.added.serialize(), v.removed.serialize(), v.id))
+
+
+def spool_stdin() -> str:
+    """`snapfs import -`: the bundle from a pipe, spooled to a file first."""
+    fd, path = tempfile.mkstemp(prefix="snapfs-bundle-")
+    with os.fdopen(fd, "wb") as f:
+        while data := sys.stdin.buffer.read(1 << 20):
+            f.write(data)
+    return path
