@@ -277,7 +277,9 @@ class Filesystem:
         self.want_gc()
 
     def _view_dirty(self, view: View) -> bool:
-        return any(v is view and n.buffers for v, n in self._dirty.values())
+        """Changes still only in memory: unstored data or unsaved attributes."""
+        return bool(view.dirty_inodes) or any(v is view and n.buffers
+                                               for v, n in self._dirty.values())
 
     def _discard(self, view: View) -> None:
         """Drop a view's unsaved state (its vertex is about to be deleted)."""

@@ -43,9 +43,8 @@ from .util import (
     safe_rmtree,
 )
 
-# Targets whose absence is never an error, even with --smoke: the encrypted repository
-# has no CLI contract yet. Remove "snapfs-enc" from here once it exists.
-ALWAYS_OPTIONAL = {"snapfs-enc"}
+# Targets whose absence is never an error, even with --smoke (none: every target exists).
+ALWAYS_OPTIONAL: set[str] = set()
 LOCK_WAIT = 1800.0  # seconds to wait for another run in the same work directory
 
 PRESETS: dict[str, dict[str, object]] = {
