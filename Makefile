@@ -34,7 +34,9 @@ lint: deps
 
 test: deps
 	$(VENV)/bin/ruff check snapfs tools tests
-	$(VENV)/bin/python -m pytest -q tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
+	@echo "--- the mounted suite again, on an encrypted repository"
+	SNAPFS_TEST_ENCRYPT=1 $(PY) -m pytest -q -p no:cacheprovider tests/fuse
 	$(PY) tools/bench --smoke
 
 run: deps

@@ -428,7 +428,7 @@ class SnapfsOperations(pyfuse3.Operations):
             return
         h.node.opens -= 1
         if h.node.nlink == 0 and h.node.opens == 0 and not h.node.deleted:
-            h.node.buffers.clear()  # nobody can read it again: nothing to store
+            h.view.drop_buffers(h.node)  # nobody can read it again: nothing to store
             h.view._maybe_delete(h.node)
 
     @handler

@@ -21,7 +21,7 @@ from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
 from snapfs.store.gc import Collector
-from snapfs.vfs.view import Inode, View, store_buffers
+from snapfs.vfs.view import BufferPool, Inode, View, store_buffers
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MAX_FILE_SIZE = 1 << 46  # 64 TiB
 
 
 class Filesystem:
-    def __init__(self, repo: Repository, *, dirty_limit: int = 256 * 1024 * 1024,
+    def __init__(self, repo: Repository, *, dirty_limit: int = 64 * 1024 * 1024,
                  clean_orphans: bool = True) -> None:
         self.repo = repo
         self.cat = repo.cat
@@ -37,6 +37,9 @@ class Filesystem:
         self.chunks = repo.chunks
         self.chunk_size = repo.chunk_size
         self.meta = repo.meta
+        # enough pooled buffers for the dirty limit plus the batch being stored
+        self.pool = BufferPool(self.chunk_size, max(64, (dirty_limit + (16 << 20))
+                                                    // self.chunk_size))
         self.max_file_size = MAX_FILE_SIZE
         self.dirty_limit = dirty_limit
         self.volume_views: dict[str, View] = {}
@@ -285,7 +288,7 @@ class Filesystem:
         """Drop a view's unsaved state (its vertex is about to be deleted)."""
         for key, (v, node) in list(self._dirty.items()):
             if v is view:
-                node.buffers.clear()
+                v.drop_buffers(node)
                 del self._dirty[key]
         view.dirty_inodes.clear()
         view.dropped = True
