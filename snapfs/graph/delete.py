@@ -60,9 +60,10 @@ def delete_vertex(graph: Graph, vid: int) -> None:
 
 def _merge_rows(graph: Graph, vid: int, child: int) -> None:
     for table, (key, cols) in ROW_TABLES.items():
-        # rows of inodes the child deleted would be dead weight (and name freed chunks)
+        # rows of inodes that are gone in the child (deleted, or unlinked while open and
+        # released later) would be dead weight, and would name chunks the collector frees
         dead = ("" if table in ("inodes", "dirents") else
-                " AND ino NOT IN (SELECT ino FROM inodes WHERE vertex=? AND mode=0)")
+                " AND ino NOT IN (SELECT ino FROM inodes WHERE vertex=? AND nlink=0)")
         args = (child, vid, child) if dead else (child, vid)
         graph.cat.write(
             f"INSERT OR IGNORE INTO {table} ({key}, vertex, {cols}) "

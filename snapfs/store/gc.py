@@ -76,8 +76,6 @@ class Collector:
     def candidates(self, min_dead_ratio: float) -> list[int]:
         out = []
         for pack, (size, live) in sorted(self.pack_usage().items()):
-            if pack == self.packs.current_pack:
-                continue
             dead = size - PACK_HEADER.size - live
             if dead > 0 and (live == 0 or dead / max(size, 1) >= min_dead_ratio):
                 out.append(pack)
@@ -92,6 +90,8 @@ class Collector:
         return removed
 
     async def _compact_pack(self, pack: int) -> None:
+        if pack == self.packs.current_pack:  # stop writing into it first
+            await trio.to_thread.run_sync(self.packs.rotate)
         rows = self.cat.execute("SELECT id, offset, length FROM chunks WHERE pack=? "
                                 "ORDER BY offset", (pack,)).fetchall()
         batch: list[tuple[int, ChunkLocation]] = []

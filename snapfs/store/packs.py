@@ -135,6 +135,18 @@ class PackStore:
             self._unsynced = True
         return locs
 
+    def rotate(self) -> None:
+        """Finish the current pack (synced); the next append starts a new one. Lets the
+        collector compact the pack that was being written."""
+        with self._lock:
+            if self._write_fd >= 0:
+                if self._unsynced:
+                    os.fdatasync(self._write_fd)
+                    self._unsynced = False
+                os.close(self._write_fd)
+                self._write_fd = -1
+                self._write_id = 0
+
     def _check_writable(self) -> None:
         if not self.writable:
             raise IntegrityError("the chunk store is open read-only")
