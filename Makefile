@@ -35,8 +35,9 @@ lint: deps
 test: deps
 	$(VENV)/bin/ruff check snapfs tools tests
 	$(PY) -m pytest -q -p no:cacheprovider tests
-	@echo "--- the mounted suite again, on an encrypted repository"
-	SNAPFS_TEST_ENCRYPT=1 $(PY) -m pytest -q -p no:cacheprovider tests/fuse
+	@echo "--- the mounted POSIX suite again, on an encrypted repository"
+	SNAPFS_TEST_ENCRYPT=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/fuse \
+	    --ignore=tests/fuse/test_mnt_exchange.py --ignore=tests/fuse/test_mnt_encryption.py
 	$(PY) tools/bench --smoke
 
 run: deps

@@ -342,8 +342,13 @@ class Graph:
 
     # -- deleting ------------------------------------------------------------------------------
     def draft_has_changes(self, draft_id: int) -> bool:
+        """Has the draft any row of its own? (A root draft's first root inode is not a
+        change: every new volume has one.)"""
+        root = self.vertices[draft_id].parent is None
         for table in ("inodes", "dirents", "xattrs", "blocks"):
-            if self.cat.execute(f"SELECT 1 FROM {table} WHERE vertex=? LIMIT 1",
+            extra = f" AND NOT (ino={ROOT_INO} AND mtime_ns=ctime_ns AND ctime_ns=atime_ns)" \
+                if root and table == "inodes" else ""
+            if self.cat.execute(f"SELECT 1 FROM {table} WHERE vertex=?{extra} LIMIT 1",
                                 (draft_id,)).fetchone():
                 return True
         return False

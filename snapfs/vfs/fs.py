@@ -265,7 +265,7 @@ class Filesystem:
         draft = self.graph.volume_draft(name)
         view = self.volume_views.get(name)
         self._check_unused(view, f"volume {name}")
-        if not force and (self.graph.draft_has_changes(draft.id) and draft.parent is not None
+        if not force and (self.graph.draft_has_changes(draft.id)
                           or (view and self._view_dirty(view))):
             raise Refused(f"volume {name} has uncommitted changes: commit them "
                           f"(snapfs commit {name}) or delete with --force")

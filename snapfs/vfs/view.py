@@ -95,6 +95,7 @@ class Inode:
     orphan: bool = False
     pins: dict[int, int] = field(default_factory=dict)
     deleted: bool = False  # gone from the tree and the catalog; kept while the kernel knows it
+    detached: bool = False  # open, but only in a snapshot-directory draft since committed
 
     @property
     def is_dir(self) -> bool:
@@ -186,6 +187,7 @@ class View:
                 continue
             row = self._resolve_inode(ino)
             if row is None or row[0] == 0:
+                node.detached = True  # lives on in memory only: no rows, no draft
                 if not node.orphan:
                     node.orphan, node.nlink = True, 0
                     for chunk in node.blocks.values():
@@ -244,6 +246,9 @@ class View:
         return node
 
     def _save(self, node: Inode) -> None:
+        if node.detached:
+            node.dirty = False
+            return
         row = node.row()
         self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                        (node.ino, self.draft_id(), *row[:9],
@@ -257,6 +262,8 @@ class View:
             node.mtime_ns = now
 
     def _mark_dirty(self, node: Inode) -> None:
+        if node.detached:
+            return
         self.draft_id()  # a snapshot directory gets its draft at the first change
         node.dirty = True
         self.dirty_inodes.add(node.ino)
