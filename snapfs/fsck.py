@@ -38,6 +38,7 @@ def fsck(path: str, *, repair: bool = False, out: Callable[[str], None] | None =
         problems += check_references(repo)
         say("checking accounting of every vertex")
         fs = Filesystem(repo, clean_orphans=False)
+        problems += check_metadata(fs)
         problems += check_accounting(fs)
         if repair and problems:
             problems.append("repair: nothing was changed (automatic repair is not implemented; "
@@ -58,6 +59,29 @@ def check_chunks(repo: Repository) -> list[str]:
                 problems.append(f"chunk {cid}: length {len(payload)} but index says {raw_len}")
         except (IntegrityError, OSError) as e:
             problems.append(f"chunk {cid}: {e}")
+    return problems
+
+
+def check_metadata(fs: Filesystem) -> list[str]:
+    """Every name, symlink target and xattr opens (authenticated, when encrypted)."""
+    if not fs.meta.encrypted:
+        return []
+    meta, problems = fs.meta, []
+    checks = [
+        ("SELECT parent, name, vertex FROM dirents",
+         lambda r: meta.name_dec(r[0], r[1]), "name in directory inode {0} of vertex {2}"),
+        ("SELECT ino, target, vertex FROM inodes WHERE target IS NOT NULL",
+         lambda r: meta.target_dec(r[0], r[1]), "symlink target of inode {0} in vertex {2}"),
+        ("SELECT ino, name, vertex, value FROM xattrs",
+         lambda r: meta.xvalue_dec(r[0], meta.xname_dec(r[0], r[1]), r[3]),
+         "xattr of inode {0} in vertex {2}"),
+    ]
+    for sql, check, what in checks:
+        for row in fs.cat.execute(sql).fetchall():
+            try:
+                check(row)
+            except IntegrityError:
+                problems.append(what.format(*row) + ": damaged (authentication failed)")
     return problems
 
 
@@ -104,7 +128,11 @@ def check_accounting(fs: Filesystem) -> list[str]:
     problems = []
     counts: dict[int, Counter] = {}
     for vid in sorted(g.vertices, key=lambda v: len(g.chain(v))):
-        counts[vid] = tree_counts(PinnedView(fs, vid))
+        try:
+            counts[vid] = tree_counts(PinnedView(fs, vid))
+        except IntegrityError as e:
+            problems.append(f"vertex {vid}: its tree cannot be read: {e}")
+            return problems
     stored_refs: dict[int, dict[int, tuple[int, int]]] = {}
     for vid, chunk, refs, presence in fs.cat.execute(
             "SELECT vertex, chunk, refs, presence FROM vertex_chunks"):

@@ -123,13 +123,14 @@ def cmd_init(args) -> int:
         encryption, secret = _new_encryption()
     elif KEY_FILE:
         raise UsageError("--key-file goes with --encrypt at init")
+    key_file = KEY_FILE or os.environ.get("SNAPFS_KEY_FILE")
     config = init_repository(args.repo, chunk_size, encryption)
     from snapfs.repository import Repository
 
     Repository(args.repo, holder="snapfs init", secret=secret).close()
     how = ""
     if encryption:
-        how = ", encrypted with " + ("key file " + KEY_FILE if KEY_FILE else "a passphrase")
+        how = ", encrypted with " + ("key file " + key_file if key_file else "a passphrase")
     print(f"initialised snapfs repository {os.path.abspath(args.repo)} "
           f"(chunk size {config.chunk_size // 1024} KiB{how})")
     return 0
@@ -152,7 +153,7 @@ def _new_secret(key_file: str | None, new: bool = False) -> tuple[str, bytes]:
 def _new_encryption() -> tuple[dict, bytes]:
     from snapfs.crypto import keys
 
-    kdf, secret = _new_secret(KEY_FILE)
+    kdf, secret = _new_secret(KEY_FILE or os.environ.get("SNAPFS_KEY_FILE"))
     master = keys.new_master()
     if kdf == "keyfile":
         wrapped = keys.wrap_with_key_file(master, secret)

@@ -46,6 +46,18 @@ VIRTUAL_TIMEOUT = 1.0
 TIMEOUT = 300.0
 
 
+_REPORTED: set[str] = set()
+
+
+def _report_damage(op: str, e: IntegrityError) -> None:
+    """One ERROR line per damaged object, however often the kernel retries the read."""
+    text = str(e)
+    if text not in _REPORTED:
+        if len(_REPORTED) < 10000:
+            _REPORTED.add(text)
+        log.error("%s failed: damaged data: %s", op, text)
+
+
 def handler(fn):
     """Turn every exception into a FUSEError with the right errno (and log the bugs)."""
 
@@ -58,7 +70,7 @@ def handler(fn):
         except FsError as e:
             raise pyfuse3.FUSEError(e.errno)
         except IntegrityError as e:
-            log.error("%s failed: %s", fn.__name__, e)
+            _report_damage(fn.__name__, e)
             raise pyfuse3.FUSEError(errno.EIO)
         except SnapfsError as e:
             log.info("%s refused: %s", fn.__name__, e)

@@ -22,7 +22,7 @@ import trio
 from snapfs.crypto.aead import Aead
 from snapfs.errors import IntegrityError
 from snapfs.store.catalog import Catalog
-from snapfs.store.packs import FLAG_ENCRYPTED, PackStore
+from snapfs.store.packs import FLAG_ENCRYPTED, PackStore, pack_name
 from snapfs.types import ChunkLocation
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,8 @@ class ChunkManager:
         if flags & FLAG_ENCRYPTED:
             if self.aead is None:
                 raise IntegrityError(f"chunk {cid} is encrypted but this repository has no key")
-            return self.aead.open(payload, b"chunk" + digest, f"chunk {cid}")
+            return self.aead.open(payload, b"chunk" + digest,
+                                  f"chunk {cid} in {pack_name(loc.pack)} at offset {loc.offset}")
         if self.aead is not None:
             raise IntegrityError(f"chunk {cid} is stored unencrypted in an encrypted repository")
         return payload
@@ -243,8 +244,7 @@ class ChunkManager:
             except IntegrityError as e:
                 if self.location(cid) != loc:  # moved by the collector meanwhile: retry
                     return await self.get(cid)
-                log.error("damaged data: %s", e)
-                raise
+                raise e
             self.cache.put(cid, data)
         return data
 

@@ -17,15 +17,18 @@ Errors are FsError(errno) with the errno a local filesystem gives.
 from __future__ import annotations
 
 import errno
+import logging
 import stat
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from snapfs.errors import FsError
+from snapfs.errors import FsError, IntegrityError
 
 if TYPE_CHECKING:
     from snapfs.vfs.fs import Filesystem
+
+log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 WINDOW = 1024  # blocks resolved per catalog query
@@ -96,6 +99,7 @@ class Inode:
     pins: dict[int, int] = field(default_factory=dict)
     deleted: bool = False  # gone from the tree and the catalog; kept while the kernel knows it
     detached: bool = False  # open, but only in a snapshot-directory draft since committed
+    damaged: int = 0  # directory entries whose names failed authentication
 
     @property
     def is_dir(self) -> bool:
@@ -304,10 +308,23 @@ class View:
                 depth = chain.get(vertex, -1)
                 if depth >= 0 and depth > best.get(name, (-1, 0))[0]:
                     best[name] = (depth, ino)
-            dec = self.meta.name_dec
-            dir_node.entries = {dec(dir_node.ino, name): ino
-                                for name, (_, ino) in best.items() if ino}
+            dir_node.entries = self._decrypt_names(dir_node, best)
         return dir_node.entries
+
+    def _decrypt_names(self, dir_node: Inode, best: dict) -> dict[bytes, int]:
+        """Plain names of a directory. A damaged name is left out and logged, so that its
+        siblings stay reachable by name; listing the directory then fails (EIO) rather
+        than show an incomplete list."""
+        entries: dict[bytes, int] = {}
+        for blob, (_, ino) in best.items():
+            if not ino:
+                continue
+            try:
+                entries[self.meta.name_dec(dir_node.ino, blob)] = ino
+            except IntegrityError as e:
+                dir_node.damaged += 1
+                log.error("directory inode %d: a damaged name is left out: %s", dir_node.ino, e)
+        return entries
 
     def lookup(self, parent: int, name: bytes) -> Inode:
         if len(name) > NAME_MAX:
@@ -339,7 +356,10 @@ class View:
                            (dir_node.ino, name, draft))
 
     def listdir(self, ino: int) -> list[tuple[bytes, int]]:
-        entries = self.entries(self.get(ino))
+        node = self.get(ino)
+        entries = self.entries(node)
+        if node.damaged:
+            raise IntegrityError(f"directory inode {ino}: {node.damaged} damaged names")
         if sum(1 for child in entries.values() if child not in self.inodes) > 32:
             self._preload_children(ino)
         return sorted(entries.items())
@@ -606,11 +626,12 @@ class View:
                 if depth >= 0 and depth > best.get(name, (-1, None))[0]:
                     best[name] = (depth, value)
             meta, ino = self.meta, node.ino
-            node.xattrs = {}
+            xattrs = {}
             for blob, (_, value) in best.items():
                 if value is not None:
                     name = meta.xname_dec(ino, blob)
-                    node.xattrs[name] = meta.xvalue_dec(ino, name, value)
+                    xattrs[name] = meta.xvalue_dec(ino, name, value)
+            node.xattrs = xattrs  # only once every one opened: damage is never cached
         return node.xattrs
 
     def getxattr(self, ino: int, name: bytes) -> bytes:

@@ -217,8 +217,13 @@ class Mount:
     Target passthrough: REPO is a plain directory mounted with the passthrough yardstick;
     volumes are plain directories, and snapfs-only helpers skip the test."""
 
-    def __init__(self, base: Path, chunk_size: str | None = None):
+    def __init__(self, base: Path, chunk_size: str | None = None, *,
+                 env: dict[str, str | None] | None = None, encrypt: bool | None = None):
         self.base = Path(base)
+        # extra environment of every snapfs command and of the daemon (e.g. the
+        # passphrase; a None value removes a variable); None: the test's environment
+        self.env = env
+        self.encrypt = ENCRYPT if encrypt is None else encrypt
         self.repo = self.base / "repo"
         self.mnt = self.base / "mnt"
         self.vol = self.mnt / "vol"
@@ -236,7 +241,7 @@ class Mount:
         self.mnt.mkdir(parents=True, exist_ok=True)
         if self.is_snapfs:
             args = ["init", str(self.repo)]
-            if ENCRYPT:
+            if self.encrypt:
                 args.append("--encrypt")
             if self.chunk_size:
                 args += ["--chunk-size", self.chunk_size]
@@ -256,7 +261,8 @@ class Mount:
         # output to a file, not a pipe: a daemon that keeps the pipe open must not hang us
         out = self.base / "mount-command.out"
         with open(out, "w+") as f:
-            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=120)
+            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f, timeout=120,
+                               env=self.environ())
             f.seek(0)
             text = f.read()
         assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}: {text}"
@@ -363,11 +369,18 @@ class Mount:
     def run_cli(self, *args, check: bool = True, timeout: float = 120,
                 cwd=None) -> subprocess.CompletedProcess:
         r = subprocess.run([snapfs_bin(), *map(str, args)], capture_output=True, text=True,
-                           timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
+                           timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd,
+                           env=self.environ())
         if check and r.returncode != 0:
             raise AssertionError(f"snapfs {' '.join(map(str, args))} exited {r.returncode}\n"
                                  f"stdout: {r.stdout}\nstderr: {r.stderr}")
         return r
+
+    def environ(self) -> dict[str, str] | None:
+        """The environment of snapfs commands: the test's, changed by self.env."""
+        if self.env is None:
+            return None
+        return {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
 
     def require_snapfs(self, what: str = "this check") -> None:
         if not self.is_snapfs:
@@ -414,3 +427,80 @@ class Mount:
         r = self.run_cli("fsck", self.repo, check=False, timeout=600)
         assert r.returncode == 0, (f"snapfs fsck {self.repo} exited {r.returncode}\n"
                                    f"{r.stdout}\n{r.stderr}")
+
+
+# --------------------------------------------------------------------------- many repositories
+
+
+class RepoSet:
+    """Repositories one test makes itself (tests of encryption and exchange need several,
+    each with its own passphrase or key file, mounted or not). Each is a Mount at
+    BASE/NAME/{repo,mnt}; close() unmounts what is still mounted, then runs fsck (unless
+    a test cleared .fsck_at_close) and the log check on every one."""
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.repos: list[Mount] = []
+
+    def make(self, name: str, *, passphrase: str | None = None, key_file=None,
+             chunk_size: str | None = None, volume: str | None = None,
+             mounted: bool = False) -> Mount:
+        """init a repository: encrypted with PASSPHRASE or KEY_FILE (created if missing),
+        or plain; optionally mount it and create VOLUME."""
+        env: dict[str, str | None] = {"SNAPFS_SCRYPT_N": "4096", "SNAPFS_PASSPHRASE": None,
+                                      "SNAPFS_PASSPHRASE_FD": None, "SNAPFS_KEY_FILE": None}
+        if passphrase is not None:
+            env["SNAPFS_PASSPHRASE"] = passphrase
+        if key_file is not None:
+            env["SNAPFS_KEY_FILE"] = os.fspath(key_file)
+        m = Mount(self.base / name, chunk_size, env=env,
+                  encrypt=passphrase is not None or key_file is not None)
+        m.fsck_at_close = True
+        self.repos.append(m)
+        m.mnt.mkdir(parents=True)
+        args = ["init", m.repo]
+        if key_file is not None:
+            args = ["--key-file", key_file, *args]
+        if m.encrypt:
+            args.append("--encrypt")
+        if chunk_size:
+            args += ["--chunk-size", chunk_size]
+        m.run_cli(*args)
+        if mounted or volume:
+            m.mount()
+        if volume:
+            m.volume_create(volume)
+            m.vol = m.mnt / volume
+        return m
+
+    def close(self) -> None:
+        problems = []
+        for m in self.repos:
+            try:
+                if is_mounted(m.mnt):
+                    m.umount()
+            except Exception as e:
+                problems.append(f"{m.base.name}: unmount: {e}")
+            finally:
+                lazy_unmount(m.mnt)
+        for m in self.repos:
+            if m.fsck_at_close and m.repo.exists():
+                try:
+                    m.fsck()
+                except Exception as e:
+                    problems.append(f"{m.base.name}: {e}")
+            problems += [f"{m.base.name}: {p}" for p in m.new_log_problems()]
+        if problems:
+            pytest.fail("repositories at teardown: " + "\n".join(problems), pytrace=False)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    """A refused command: non-zero exit, exactly one line on stderr (no traceback) that
+    contains every needle (case-insensitive); returns that line."""
+    err = r.stderr.strip()
+    assert r.returncode != 0, f"expected a failure, got exit 0: {r.stdout}{r.stderr}"
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    assert len(err.splitlines()) == 1, f"expected one line on stderr, got: {r.stderr!r}"
+    for needle in needles:
+        assert needle.lower() in err.lower(), f"{needle!r} not in the error: {err}"
+    return err
