@@ -50,7 +50,11 @@ class MVertex:
     links: dict[str, int] = field(default_factory=dict)  # path -> file id
     files: dict[int, bytes] = field(default_factory=dict)  # file id -> content (linked files)
     dirs: set[str] = field(default_factory=set)  # directories other than the root
-    changed: bool = False  # a draft written since it was made
+    # Has the vertex changes of its own, i.e. is its tree not simply its parent's? A draft
+    # is changed by a write, a snapshot keeps its draft's flag, and deleting a changed
+    # vertex passes its changes on to its children. `volume delete` without --force
+    # refuses a changed draft (uncommitted changes).
+    changed: bool = False
 
     def derive(self, key: str, kind: str, volume: str, parent: str | None) -> MVertex:
         """A copy of this tree as another vertex."""
@@ -121,6 +125,7 @@ class Model:
         draft = self.writable(target)
         snap_name = f"{draft.volume}@{label}"
         snap = draft.derive(snap_name, "snapshot", draft.volume, draft.parent)
+        snap.changed = draft.changed
         del self.vertices[draft.key]  # a draft has no children
         self.vertices[snap_name] = snap
         if kind == "vol":
@@ -151,6 +156,7 @@ class Model:
         for child in self.vertices.values():
             if child.parent == name:
                 child.parent = v.parent
+                child.changed = child.changed or v.changed
         return gone
 
     def delete_volume(self, name: str) -> list[str]:

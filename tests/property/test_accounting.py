@@ -803,9 +803,10 @@ def test_file_unlinked_while_open_is_released_at_next_mount_after_a_commit(snap)
 
 
 def test_clone_does_not_hold_a_file_unlinked_while_open_in_its_source(snap):
-    """A clone of a snapshot that sealed a file unlinked while open can never reach that
-    file (no name, no handle), yet its draft holds the file's chunks (delta 0 but
-    referenced 2, and the chunks can never be freed while the clone lives)."""
+    """A clone of a snapshot taken while a file was unlinked but open can never reach that
+    file (no name, no handle), so its draft holds none of its chunks. (When commits sealed
+    such files into the snapshot, the clone's draft held them: referenced 2, never freed
+    while the clone lived.)"""
     P, Q = PATTERNS[0], PATTERNS[1]
     fs = snap.fs
     vol = fs.volume_view("v")
@@ -822,8 +823,9 @@ def test_clone_does_not_hold_a_file_unlinked_while_open_in_its_source(snap):
 
 
 def test_snapshot_dir_draft_does_not_hold_a_file_unlinked_while_open_in_the_snapshot(snap):
-    """The same through .snapshots/S: the draft created by a write under S holds the
-    chunks of a file S sealed while it was unlinked and open."""
+    """The same through .snapshots/S: the draft made by a write under S holds only what
+    S's tree and the write hold. (It used to hold the chunks of a file S had sealed while
+    it was unlinked and open.)"""
     P, Q, R = PATTERNS[:3]
     fs = snap.fs
     vol = fs.volume_view("v")
@@ -865,10 +867,10 @@ def test_release_of_a_file_unlinked_while_open_under_a_committed_snapshot_dir(sn
 
 def test_write_through_a_handle_after_its_snapshot_dir_was_committed_is_stored(snap):
     """A file open under .snapshots/S keeps being written after `snapfs commit
-    .snapshots/S`: commit resets the view, the handle's inode is no longer the one the view
-    knows, and its later writes are never stored (fsync returns with the data still only
-    in memory; an unmount loses it), while the file read through its path disagrees with
-    the file read through the handle."""
+    .snapshots/S`: fsync stores the writes, and the file reads the same through its path
+    and through the handle. (Commit used to reset the view so that the handle's inode was
+    no longer the one the view knew: later writes stayed in memory through fsync, an
+    unmount lost them, and earlier the draft's reference counts went wrong.)"""
     P, Q, R = PATTERNS[:3]
     fs = snap.fs
     vol = fs.volume_view("v")
@@ -888,10 +890,10 @@ def test_write_through_a_handle_after_its_snapshot_dir_was_committed_is_stored(s
 
 
 def test_stats_count_the_draft_of_a_snapshot_dir_made_by_a_write_of_zeros(snap):
-    """Writing only zeros under .snapshots/S (a size change, no chunk) makes S's draft
-    exist only at the next inode flush (group commit, ~2 s later): reading the stats file
-    right after the write (which flushes data, not inodes) shows no draft over S, so S's
-    exclusive counts chunks the draft (whose file is now longer) also holds."""
+    """Writing only zeros under .snapshots/S (a size change, no chunk) makes S's draft at
+    once. (It used to appear only at the next inode flush, ~2 s later: the stats file read
+    right after the write, which flushes data but not inodes, showed no draft over S, and
+    S's exclusive counted chunks the draft also holds.)"""
     P = PATTERNS[0]
     fs = snap.fs
     vol = fs.volume_view("v")
@@ -907,10 +909,10 @@ def test_stats_count_the_draft_of_a_snapshot_dir_made_by_a_write_of_zeros(snap):
 
 
 def test_volume_delete_refuses_a_draft_whose_only_change_is_not_flushed_yet(snap):
-    """`snapfs volume delete` without --force refuses a volume with uncommitted changes.
-    A write of zeros past the end of a file changes only its size, which stays in memory
-    (view.dirty_inodes) until the next inode flush: the check sees no rows in the draft
-    and no dirty data buffers, and deletes the volume, losing the change."""
+    """`snapfs volume delete` without --force refuses a volume with uncommitted changes,
+    also when they are still in memory. (A write of zeros past the end of a file changes
+    only its size, kept in view.dirty_inodes until the next inode flush; the check looked
+    at the draft's rows and dirty data buffers only and deleted the volume.)"""
     P = PATTERNS[0]
     fs = snap.fs
     snap.create_volume("w", dirs=False)
@@ -924,8 +926,8 @@ def test_volume_delete_refuses_a_draft_whose_only_change_is_not_flushed_yet(snap
 
 
 def test_snapshot_delete_refuses_a_draft_whose_only_change_is_not_flushed_yet(snap):
-    """The same under .snapshots/S: `snapfs snapshot delete S` without --force deletes S
-    and its draft although .snapshots/S/a was made longer (a size change, not flushed)."""
+    """The same under .snapshots/S: `snapfs snapshot delete S` without --force refuses
+    when .snapshots/S/a was made longer and the size change is not flushed yet."""
     P = PATTERNS[0]
     fs = snap.fs
     vol = fs.volume_view("v")
@@ -941,9 +943,9 @@ def test_snapshot_delete_refuses_a_draft_whose_only_change_is_not_flushed_yet(sn
 def test_volume_delete_refuses_a_never_committed_volume_with_files(snap):
     """`snapfs volume delete` without --force ("--force: discard uncommitted changes")
     must refuse a volume that was never committed but holds files, whether or not its
-    changes reached the catalog yet. It refuses while they are only in memory and deletes
-    without asking once the group commit (every 2 s) has flushed them: the exemption of
-    root drafts (draft.parent is None) makes the answer depend on timing."""
+    changes reached the catalog yet. (It refused while they were only in memory and
+    deleted without asking once the group commit had flushed them: root drafts were
+    exempt from the check of the draft's rows, so the answer depended on timing.)"""
     P = PATTERNS[0]
     fs = snap.fs
     snap.create_volume("w", dirs=False)
@@ -960,8 +962,8 @@ def test_volume_delete_refuses_a_never_committed_volume_with_files(snap):
 def test_writing_an_orphan_under_a_committed_snapshot_dir_makes_no_draft(snap):
     """A file created under .snapshots/S and still open when that directory is committed
     is an orphan afterwards (S does not have it). Writing to it changes no tree, so it
-    must not create a draft over S (a stray draft that then makes `snapshot delete S`
-    refuse for "uncommitted changes" nobody can see)."""
+    makes no draft over S. (It used to make a stray draft holding the orphan's inode row,
+    so that `snapshot delete S` refused for "uncommitted changes" nobody could see.)"""
     P, Q, R = PATTERNS[:3]
     fs = snap.fs
     vol = fs.volume_view("v")

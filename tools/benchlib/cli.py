@@ -26,8 +26,18 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
+from . import fusetrace
 from .jobs import JOBS, Config, JobContext, Sample, Tree
-from .report import summarize, table, write_json
+from .pyspy import available as profile_available
+from .report import (
+    request_rows,
+    request_table,
+    summarize,
+    table,
+    variant_rows,
+    variant_table,
+    write_json,
+)
 from .targets import TARGET_NAMES, Target, cleanup_runroot, make_target
 from .tree import build_tree
 from .util import (
@@ -50,13 +60,16 @@ LOCK_WAIT = 1800.0  # seconds to wait for another run in the same work directory
 PRESETS: dict[str, dict[str, object]] = {
     # the issue's sizes: files of at least 2 GiB, 10,000 small files
     "full": dict(seq_size=2 * GiB, rand_size=1 * GiB, runtime=30.0, files=10_000,
-                 listdir_repeat=5, tree_files=None, git_runs=10, job_timeout=1800.0),
+                 listdir_repeat=5, tree_files=None, git_runs=10, job_timeout=1800.0,
+                 history=1000),
     # about two minutes for plain + passthrough + snapfs
     "quick": dict(seq_size=256 * MiB, rand_size=128 * MiB, runtime=3.0, files=2_000,
-                  listdir_repeat=3, tree_files=1_500, git_runs=3, job_timeout=600.0),
+                  listdir_repeat=3, tree_files=1_500, git_runs=3, job_timeout=600.0,
+                  history=1000),
     # seconds: proves that every job and target still runs (make test)
     "smoke": dict(seq_size=8 * MiB, rand_size=4 * MiB, runtime=None, files=100,
-                  listdir_repeat=1, tree_files=100, git_runs=1, job_timeout=120.0),
+                  listdir_repeat=1, tree_files=100, git_runs=1, job_timeout=120.0,
+                  history=20),
 }
 
 
@@ -104,20 +117,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--files", type=int, help="files of the metadata job (default 10000)")
     p.add_argument("--tree-files", type=int, help="files of the source tree (default all)")
     p.add_argument("--job-timeout", type=float, help="kill a target's daemon after this")
+    p.add_argument("--history", type=int,
+                   help="commits made on snapfs-history before the jobs (default 1000; "
+                        "20 with --smoke)")
     p.add_argument("--keep", action="store_true", help="keep the targets' data afterwards")
+    p.add_argument("--requests", action="store_true",
+                   help="count the FUSE requests of every timed part per opcode (perf and "
+                        "the fuse:fuse_request_send tracepoint; slows the daemons down a "
+                        "little: compare rates only between runs without it)")
+    p.add_argument("--profile", action="store_true",
+                   help="record py-spy profiles of the FUSE daemons during every timed part "
+                        "into WORKDIR/profiles (see tools/benchlib/pyspy.py)")
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.history is not None and args.history < 1:
+        p.error("--history must be at least 1")
     return args
 
 
 def make_config(args: argparse.Namespace) -> Config:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     preset = dict(PRESETS[mode])
-    for key in ("seq_size", "rand_size", "runtime", "files", "tree_files", "job_timeout"):
+    for key in ("seq_size", "rand_size", "runtime", "files", "tree_files", "job_timeout",
+                "history"):
         value = getattr(args, key)
         if value is not None:
             preset[key] = value
+    preset["requests"] = args.requests
+    if args.profile:
+        preset["profile_dir"] = os.fspath(args.workdir.resolve() / "profiles")
     return Config(mode=mode, **preset)  # type: ignore[arg-type]
 
 
@@ -141,7 +170,9 @@ def run_job(job: str, ctx: JobContext, watchdog: Watchdog, timeout: float) -> li
     first_metric = JOBS[job].metrics[0]
     try:
         target.check()
-        os.sync()  # untimed: no dirty data of an earlier job is written back during this one
+        # untimed: no dirty data of an earlier job is written back during this one (syncfs
+        # of this target's filesystems only: see util.sync_fs)
+        target.sync()
         with watchdog.arm(timeout, target.kill):
             return JOBS[job].fn(ctx)
     except (JobError, OSError) as exc:
@@ -166,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         log("error: this fio has no libaio engine")
         return 1
 
+    if args.profile and not profile_available():
+        log("error: --profile needs py-spy (.venv/bin/pip install py-spy)")
+        return 1
+
     workdir.mkdir(parents=True, exist_ok=True)
     lock = open(workdir / ".lock", "w")  # noqa: SIM115 - held for the whole run
     deadline = time.monotonic() + LOCK_WAIT
@@ -180,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
             if deadline - time.monotonic() > LOCK_WAIT - 1:
                 log(f"waiting for another tools/bench running in {workdir} ...")
             time.sleep(1)
+    if args.requests:
+        try:
+            fusetrace.prepare()  # may mount the tracefs: unmounted by finish() below
+        except fusetrace.TraceUnavailable as exc:
+            log(f"error: --requests: {exc}")
+            return 1
 
     machine = machine_info(workdir)
     log(f"tools/bench ({cfg.mode}): targets {','.join(args.targets)}; jobs {','.join(jobs)}; "
@@ -208,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
         optional = set(args.allow_missing) | ALWAYS_OPTIONAL
         for name in args.targets:
-            target = make_target(name, runroot)
+            target = make_target(name, runroot, history=cfg.history)
             started.append(target)
             try:
                 target.setup()
@@ -222,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"skipping target {name}: {exc}")
                 continue
             targets.append(target)
-            status[name] = {"status": "ok", "base": os.fspath(target.base)}
+            status[name] = {"status": "ok", "base": os.fspath(target.base), **target.info}
             log(f"target {name}: ready at {target.base}"
                 + (f" (daemon pid {target.pid})" if target.pid else ""))
 
@@ -272,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        fusetrace.finish()
 
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     ran = [t.name for t in targets]
@@ -288,8 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, st in status.items():
         if st["status"] != "ok":
             print(f"skipped: {name}: {st['reason']}")
+        elif "history" in st:
+            h = st["history"]
+            print(f"{name}: history of {h['commits']} commits made in {h['seconds']} s "
+                  f"(median commit {h['commit_median_ms']} ms, max {h['commit_max_ms']} ms)")
     print()
     print(table(rows))
+    variants = variant_table(variant_rows(rows))
+    if variants:
+        print("\nsnapfs variants (rates: above 1.00x is faster; daemon CPU: above 1.00x "
+              "costs more):\n")
+        print(variants)
+    requests = request_table(request_rows(samples))
+    if requests:
+        print("\nFUSE requests (--requests; summed over the repeats):\n")
+        print(requests)
     if errors:
         print("\nerrors:")
         for e in errors:

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .fusetrace import RequestCounter, TraceUnavailable, connection
+from .pyspy import Recorder
 from .targets import Target
 from .util import (
     FioResult,
@@ -51,6 +53,9 @@ class Config:
     tree_files: int | None  # files of the source tree (None: all)
     git_runs: int
     job_timeout: float
+    history: int = 1000  # commits made on snapfs-history before the jobs
+    profile_dir: str | None = None  # --profile: py-spy profiles of the daemons go here
+    requests: bool = False  # --requests: count the FUSE requests of each timed part
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Sample:
 class Timing:
     seconds: float = 0.0
     cpu: float | None = None
+    requests: dict[str, int] | None = None  # FUSE requests per opcode (--requests)
 
 
 @dataclass
@@ -107,18 +113,44 @@ class JobContext:
         self.base = target.base
 
     @contextlib.contextmanager
-    def timed(self) -> Iterator[Timing]:
+    def timed(self, metric: str = "") -> Iterator[Timing]:
         timing = Timing()
+        recorder = counter = None
+        if self.cfg.profile_dir and self.target.pid:
+            name = f"{self.target.name}.{metric or 'job'}.r{self.rep}.txt"
+            recorder = Recorder(self.target.pid, Path(self.cfg.profile_dir) / name)
+        if self.cfg.requests and self.target.mountpoint is not None:
+            try:
+                counter = RequestCounter(connection(self.target.mountpoint))
+                counter.start()
+            except (TraceUnavailable, OSError) as exc:
+                if counter is not None:
+                    counter.close()
+                if recorder is not None:
+                    recorder.stop()
+                raise JobError(f"--requests: {exc}") from None
         cpu0 = self.target.cpu()
         start = time.perf_counter()
-        yield timing
-        timing.seconds = time.perf_counter() - start
-        cpu1 = self.target.cpu()
+        try:
+            yield timing
+        finally:
+            timing.seconds = time.perf_counter() - start
+            cpu1 = self.target.cpu()
+            if counter is not None:
+                try:
+                    timing.requests = counter.stop()
+                except (TraceUnavailable, OSError) as exc:
+                    counter.close()
+                    raise JobError(f"--requests: {exc}") from None
+            if recorder is not None:
+                recorder.stop()
         if cpu0 is not None and cpu1 is not None:
             timing.cpu = cpu1 - cpu0
 
     def sample(self, metric: str, value: float, unit: str, t: Timing, amount: float,
                **extra: object) -> Sample:
+        if t.requests is not None:
+            extra["fuse_requests"] = t.requests
         return Sample(metric, self.target.name, self.rep, value, unit, t.seconds, amount,
                       t.cpu, extra=dict(extra))
 
@@ -150,7 +182,7 @@ def _size_ok(path: Path, size: int) -> bool:
 def _write_seq(ctx: JobContext, path: Path, timed: bool) -> tuple[FioResult, Timing]:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    with ctx.timed() as t:
+    with ctx.timed("seqwrite" if timed else "seq-layout") as t:
         r = ctx.fio("seqwrite", path, rw="write", bs="1M", size=ctx.cfg.seq_size,
                     end_fsync=1, do_verify=0, **SEQ_VERIFY)
     if not timed:
@@ -201,9 +233,9 @@ def job_seqwrite(ctx: JobContext) -> list[Sample]:
 
 def _read_cold_warm(ctx: JobContext, path: Path, metric: str) -> list[Sample]:
     size = path.stat().st_size
-    with ctx.timed() as cold:
+    with ctx.timed(metric) as cold:
         r_cold = ctx.fio(metric, path, rw="read", bs="1M", size=size, invalidate=1)
-    with ctx.timed() as warm:
+    with ctx.timed(metric + "-warm") as warm:
         r_warm = ctx.fio(metric + "-warm", path, rw="read", bs="1M", size=size, invalidate=0)
     return [ctx.fio_sample(metric, r_cold, cold, "MiB/s"),
             ctx.fio_sample(metric + "-warm", r_warm, warm, "MiB/s")]
@@ -214,13 +246,34 @@ def job_seqread(ctx: JobContext) -> list[Sample]:
 
 
 def job_snapread(ctx: JobContext) -> list[Sample]:
-    """Read seq.dat from a committed snapshot (cold, then warm), then verify it."""
+    """The read jobs on an immutable snapshot directory.
+
+    Commits the volume (``seq.dat`` and ``rand.dat`` in it), then reads the snapshot's
+    copies: ``seq.dat`` sequentially, cold then warm (as ``seqread``), and ``rand.dat`` at
+    random, 4 KiB with ``direct=1`` (every read reaches the daemon, as ``randread``) and
+    buffered after a full read (as ``randread-warm``: the kernel cache). Then both files
+    are verified (crc32c). Compared with the yardstick's seqread, seqread-warm, randread
+    and randread-warm.
+    """
     seq_file(ctx)
-    snap = ctx.target.commit(f"snapread{ctx.rep}-{time.strftime('%H%M%S')}") / "seq.dat"
-    if not _size_ok(snap, ctx.cfg.seq_size):
-        raise JobError(f"{snap} is missing or has the wrong size")
-    samples = _read_cold_warm(ctx, snap, "snapread")
-    _verify(ctx, snap, ctx.cfg.seq_size, SEQ_VERIFY)
+    rand_file(ctx)
+    snap = ctx.target.commit(f"snapread{ctx.rep}-{time.strftime('%H%M%S')}")
+    seq, rand = snap / "seq.dat", snap / "rand.dat"
+    for path, size in ((seq, ctx.cfg.seq_size), (rand, ctx.cfg.rand_size)):
+        if not _size_ok(path, size):
+            raise JobError(f"{path} is missing or has the wrong size")
+    samples = _read_cold_warm(ctx, seq, "snapread")
+    with ctx.timed("snaprandread") as t:
+        r = ctx.fio("snaprandread", rand, **_rand_options(ctx, rw="randread", ioengine="psync",
+                                                            direct=1))
+    samples.append(ctx.fio_sample("snaprandread", r, t, "IOPS"))
+    read_whole(rand)  # untimed: fills the page cache
+    with ctx.timed("snaprandread-warm") as t:
+        r = ctx.fio("snaprandread-warm", rand, **_rand_options(
+            ctx, rw="randread", ioengine="psync", invalidate=0))
+    samples.append(ctx.fio_sample("snaprandread-warm", r, t, "IOPS"))
+    _verify(ctx, seq, ctx.cfg.seq_size, SEQ_VERIFY)
+    _verify(ctx, rand, ctx.cfg.rand_size, RAND_VERIFY)
     return samples
 
 
@@ -228,7 +281,7 @@ def _rand_job(ctx: JobContext, metric: str, writes: bool, **options: object) -> 
     path = rand_file(ctx)
     if writes:
         options.update(do_verify=0, **RAND_VERIFY)
-    with ctx.timed() as t:
+    with ctx.timed(metric) as t:
         r = ctx.fio(metric, path, **_rand_options(ctx, **options))
     if writes:
         _verify(ctx, path, ctx.cfg.rand_size, RAND_VERIFY)
@@ -281,7 +334,7 @@ def job_meta(ctx: JobContext) -> list[Sample]:
     samples = []
 
     def phase(metric: str, fn: Callable[[], None], ops: int, unit: str = "ops/s") -> None:
-        with ctx.timed() as t:
+        with ctx.timed(metric) as t:
             fn()
         samples.append(ctx.sample(metric, ops / t.seconds, unit, t, ops))
 
@@ -311,7 +364,8 @@ def job_meta(ctx: JobContext) -> list[Sample]:
     phase("meta-create", create, n)
     phase("meta-stat", stat_all, n)
     if can_drop_caches():
-        drop_caches(2)  # dentries and inodes: stat must ask the filesystem again
+        # dentries and inodes: stat must ask the filesystem again
+        drop_caches(2, ctx.target.sync)
         phase("meta-stat-cold", stat_all, n)
     phase("meta-listdir", listdir, n * ctx.cfg.listdir_repeat, "entries/s")
     phase("meta-rename", rename, n)
@@ -337,7 +391,7 @@ def job_untar(ctx: JobContext) -> list[Sample]:
     dest = ctx.base / "tree"
     if dest.exists():
         run(["rm", "-rf", dest], timeout=ctx.cfg.job_timeout)
-    with ctx.timed() as t:
+    with ctx.timed("untar") as t:
         _extract(ctx, dest)
     # untimed: every file's content, size, mode and mtime must match the archive
     run(["tar", "--compare", "-f", ctx.tree.tarball, "-C", dest],
@@ -351,7 +405,7 @@ def job_rmrf(ctx: JobContext) -> list[Sample]:
     dest = ctx.base / "tree"
     if not dest.exists():
         _extract(ctx, dest)
-    with ctx.timed() as t:
+    with ctx.timed("rmrf") as t:
         run(["rm", "-rf", dest], timeout=ctx.cfg.job_timeout)
     if dest.exists():
         raise JobError(f"{dest} still exists after rm -rf")
@@ -395,14 +449,14 @@ def job_gitstatus(ctx: JobContext) -> list[Sample]:
             raise JobError(f"git status is not clean: {out.strip()[:200]}")
 
     samples = []
-    with ctx.timed() as t:
+    with ctx.timed("gitstatus") as t:
         for _ in range(runs):
             status()
     samples.append(ctx.sample("gitstatus", files * runs / t.seconds, "files/s", t,
                               files * runs, ms_per_run=round(t.seconds * 1000 / runs, 1)))
     if can_drop_caches():
-        drop_caches(2)
-        with ctx.timed() as t:
+        drop_caches(2, ctx.target.sync)
+        with ctx.timed("gitstatus-cold") as t:
             status()
         samples.append(ctx.sample("gitstatus-cold", files / t.seconds, "files/s", t, files,
                                   ms_per_run=round(t.seconds * 1000, 1)))
@@ -420,7 +474,8 @@ class JobSpec:
 JOBS: dict[str, JobSpec] = {
     "seqwrite": JobSpec(job_seqwrite, ("seqwrite",)),
     "seqread": JobSpec(job_seqread, ("seqread", "seqread-warm")),
-    "snapread": JobSpec(job_snapread, ("snapread", "snapread-warm"), snapshots_only=True),
+    "snapread": JobSpec(job_snapread, ("snapread", "snapread-warm", "snaprandread",
+                                       "snaprandread-warm"), snapshots_only=True),
     "randwrite": JobSpec(job_randwrite, ("randwrite",)),
     "randread": JobSpec(job_randread, ("randread",)),
     "randwrite-aio": JobSpec(job_randwrite_aio, ("randwrite-aio",)),
@@ -435,4 +490,5 @@ JOBS: dict[str, JobSpec] = {
 }
 
 # Metrics compared with a different metric of the reference targets.
-REFERENCE_METRIC = {"snapread": "seqread", "snapread-warm": "seqread-warm"}
+REFERENCE_METRIC = {"snapread": "seqread", "snapread-warm": "seqread-warm",
+                    "snaprandread": "randread", "snaprandread-warm": "randread-warm"}

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .jobs import JOBS, REFERENCE_METRIC, Sample
+from .util import MiB
 
 YARDSTICK = "passthrough"
 PLAIN = "plain"
@@ -113,6 +114,110 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+VARIANT_BASE = "snapfs"
+VARIANTS = ("snapfs-enc", "snapfs-history")
+
+
+def variant_rows(rows: Sequence[Row]) -> list[dict[str, object]]:
+    """snapfs-enc and snapfs-history against snapfs, metric by metric: the ratio of the
+    median rates (above 1.00 is faster) and of the daemon CPU per GiB or per 1k operations
+    (above 1.00 costs more)."""
+    by_key = {(r.metric, r.target): r for r in rows}
+    out: list[dict[str, object]] = []
+    metrics = list(dict.fromkeys(r.metric for r in rows))
+    for metric in metrics:
+        base = by_key.get((metric, VARIANT_BASE))
+        if base is None or not base.median:
+            continue
+        entry: dict[str, object] = {"metric": metric, "unit": base.unit,
+                                    VARIANT_BASE: base.median}
+        found = False
+        for name in VARIANTS:
+            row = by_key.get((metric, name))
+            if row is None or row.median is None:
+                continue
+            found = True
+            entry[name] = row.median
+            entry[f"{name}/rate"] = row.median / base.median
+            # a ratio of the CPU of daemons that were (nearly) idle is noise: left out
+            busy = max(row.busy or 0.0, base.busy or 0.0)
+            if row.cpu_norm and base.cpu_norm and busy >= 0.05:
+                entry[f"{name}/cpu"] = row.cpu_norm / base.cpu_norm
+        if found:
+            out.append(entry)
+    return out
+
+
+def variant_table(entries: Sequence[dict[str, object]]) -> str:
+    present = [v for v in VARIANTS if any(v in e for e in entries)]
+    if not entries or not present:
+        return ""
+    header = ["metric", VARIANT_BASE]
+    for v in present:
+        header += [v, f"{v} / {VARIANT_BASE}", "its daemon CPU / snapfs's"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in entries:
+        cells = [str(e["metric"]), f"{_num(float(e[VARIANT_BASE]))} {e['unit']}"]  # type: ignore[arg-type]
+        for v in present:
+            if v in e:
+                cpu = e.get(f"{v}/cpu")
+                cells += [f"{_num(float(e[v]))}",  # type: ignore[arg-type]
+                          _ratio(e[f"{v}/rate"]),  # type: ignore[arg-type]
+                          "—" if cpu is None else _ratio(cpu)]  # type: ignore[arg-type]
+            else:
+                cells += ["—", "—", "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def request_rows(samples: Sequence[Sample]) -> list[dict[str, object]]:
+    """--requests: FUSE requests per operation (per MiB for MiB/s metrics) and the daemon
+    CPU per request, summed over the repeats."""
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for s in samples:
+        if s.error is None and isinstance(s.extra.get("fuse_requests"), dict):
+            groups.setdefault((s.metric, s.target), []).append(s)
+    out: list[dict[str, object]] = []
+    for (metric, target), group in groups.items():
+        counts: dict[str, int] = {}
+        for s in group:
+            for op, n in s.extra["fuse_requests"].items():  # type: ignore[union-attr]
+                counts[op] = counts.get(op, 0) + n
+        amount = sum(s.amount or 0 for s in group)
+        per = amount / MiB if group[0].per_bytes else amount
+        cpus = [s.cpu for s in group]
+        total = counts.pop("total", 0)
+        entry: dict[str, object] = {
+            "metric": metric, "target": target, "per": "MiB" if group[0].per_bytes else "op",
+            "requests": total, "per_op": total / per if per else None,
+            "by_opcode": {op: n / per for op, n in sorted(counts.items(), key=lambda kv: -kv[1])}
+            if per else {},
+            "cpu_us_per_request": (sum(cpus) / total * 1e6  # type: ignore[arg-type]
+                                   if total and None not in cpus else None),
+        }
+        out.append(entry)
+    return out
+
+
+def request_table(entries: Sequence[dict[str, object]]) -> str:
+    if not entries:
+        return ""
+    header = ["job", "target", "FUSE requests", "per op (or per MiB)", "by opcode, per op",
+              "daemon CPU per request"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for e in entries:
+        by = e["by_opcode"]
+        assert isinstance(by, dict)
+        parts = [f"{op} {n:.3g}" for op, n in list(by.items())[:8]]
+        per_op = e["per_op"]
+        cpu = e["cpu_us_per_request"]
+        cells = [str(e["metric"]), str(e["target"]), f"{e['requests']:,}",
+                 "—" if per_op is None else f"{per_op:.3g} /{e['per']}",  # type: ignore[str-format]
+                 ", ".join(parts), "—" if cpu is None else f"{cpu:.0f} us"]  # type: ignore[str-format]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, *, machine: dict[str, object], config: dict[str, object],
                targets: dict[str, dict[str, str]], samples: Sequence[Sample],
                rows: Sequence[Row], errors: Sequence[str]) -> None:
@@ -122,6 +227,8 @@ def write_json(path: Path, *, machine: dict[str, object], config: dict[str, obje
         "config": config,
         "targets": targets,
         "summary": [asdict(r) for r in rows],
+        "variants": variant_rows(rows),
+        "requests": request_rows(samples),
         "samples": [{**asdict(s), "cpu_norm": s.cpu_norm, "cpu_unit": s.cpu_unit}
                     for s in samples],
         "errors": list(errors),

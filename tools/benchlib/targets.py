@@ -7,6 +7,12 @@ daemon (for CPU accounting) and always unmounts in ``teardown``:
 - ``passthrough``: tools/passthrough.py (the yardstick) over a directory on that disk.
 - ``snapfs`` / ``snapfs-enc``: a snapfs repository (the latter encrypted), mounted, with
   a writable volume ``bench``; snapshots appear at ``MNT/.snapshots/bench@LABEL``.
+- ``snapfs-history``: like ``snapfs``, but before the jobs the volume gets a long history:
+  ``history`` commits (1,000; 20 with --smoke), each after rewriting one small file
+  (``history.txt``), committed through the daemon's control socket (``REPO/snapfs.sock``,
+  the request ``snapfs commit`` sends). The jobs then run in a draft 1,000 vertices deep,
+  to compare with ``snapfs`` (whose draft has no history): the cost of reads must not
+  grow with history depth.
 
 snapfs contract (``.venv/bin/snapfs``): ``init REPO``; ``mount REPO MNT`` daemonizes and
 returns when mounted, the daemon writes ``REPO/snapfs.pid`` and logs to ``REPO/snapfs.log``;
@@ -39,6 +45,7 @@ from .util import (
     run,
     safe_rmtree,
     stop_process,
+    sync_fs,
     unmount,
     wait_mounted,
 )
@@ -58,6 +65,7 @@ class Target:
         self.base = root  # where the jobs run (set by setup)
         self.pid: int | None = None
         self.state: dict[str, Any] = {}  # per-run job state (e.g. the git repo)
+        self.info: dict[str, Any] = {}  # facts about the set-up, reported in the JSON
 
     def setup(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -65,12 +73,22 @@ class Target:
     def teardown(self) -> None:
         pass
 
+    @property
+    def mountpoint(self) -> Path | None:
+        """The FUSE mount (None: not a FUSE target)."""
+        return None
+
     def cpu(self) -> float | None:
         """CPU seconds used so far by the FUSE daemon (None: no daemon)."""
         return proc_cpu(self.pid)
 
     def check(self) -> None:
         """Raise JobError if the target is not usable any more (daemon died...)."""
+
+    def sync(self) -> None:
+        """Write back the dirty data of this target: the kernel's pages of the mount (for
+        FUSE targets: WRITE requests to the daemon), then the disk holding its data."""
+        sync_fs(self.base, self.root)
 
     def kill(self) -> None:
         """Kill the daemon (the watchdog's last resort for a hung job)."""
@@ -97,6 +115,10 @@ class FuseTarget(Target):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.mnt = root / "mnt"
+
+    @property
+    def mountpoint(self) -> Path | None:
+        return self.mnt
 
     def check(self) -> None:
         if self.pid is not None and not pid_alive(self.pid):
@@ -149,11 +171,14 @@ class SnapfsTarget(FuseTarget):
     snapshots = True
     volume = "bench"
 
-    def __init__(self, root: Path, encrypted: bool = False) -> None:
+    def __init__(self, root: Path, encrypted: bool = False, history: int = 0) -> None:
         super().__init__(root)
         self.encrypted = encrypted
+        self.history = history  # commits made before the jobs (snapfs-history)
         if encrypted:
             self.name = "snapfs-enc"
+        elif history:
+            self.name = "snapfs-history"
         self.repo = root / "repo"
         self.env = dict(os.environ)
         if encrypted:
@@ -201,8 +226,46 @@ class SnapfsTarget(FuseTarget):
             self.base = self.mnt / self.volume
             if not self.base.is_dir():
                 raise TargetUnavailable(f"`snapfs volume create` did not create {self.base}")
+            if self.history:
+                steps = f"making a history of {self.history} commits"
+                self._make_history(self.history)
         except JobError as exc:
             raise TargetUnavailable(f"{steps} failed: {exc}") from None
+
+    def _make_history(self, commits: int) -> None:
+        """Rewrite one small file and commit, ``commits`` times (untimed set-up).
+
+        Commits go through the daemon's control socket from this process: the request of
+        ``snapfs commit``, without starting a Python CLI per commit (1,000 of them would
+        take minutes). The time it took is reported in ``self.info``.
+        """
+        sys.path.insert(0, os.fspath(TOOLS.parent))
+        from snapfs import control  # the project's own package (repository root)
+
+        sock = os.fspath(self.repo / "snapfs.sock")
+        path = self.base / "history.txt"
+        start = time.perf_counter()
+        commit_times = []
+        for i in range(commits):
+            with open(path, "w") as f:  # O_TRUNC: the file's one block is rewritten
+                f.write(f"history commit {i}\n" * 40)  # about 800 bytes
+            t0 = time.perf_counter()
+            try:
+                control.call(sock, {"op": "commit", "where": self.volume, "label": f"h{i}"},
+                             timeout=MOUNT_TIMEOUT)
+            except Exception as exc:  # SnapfsError, OSError: the daemon's own message
+                raise JobError(f"commit {i + 1} of {commits}: {exc}") from None
+            commit_times.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - start
+        commit_times.sort()
+        self.info["history"] = {
+            "commits": commits,
+            "seconds": round(seconds, 2),
+            "commit_median_ms": round(commit_times[len(commit_times) // 2] * 1000, 2),
+            "commit_max_ms": round(commit_times[-1] * 1000, 2),
+        }
+        log(f"  {self.name}: {commits} commits in {seconds:.1f} s (median commit "
+            f"{self.info['history']['commit_median_ms']} ms)")
 
     def commit(self, label: str) -> Path:
         self.snapfs("commit", self.base, "--label", label, what="snapfs commit")
@@ -224,10 +287,10 @@ class SnapfsTarget(FuseTarget):
         return [self.repo / "snapfs.log"]
 
 
-TARGET_NAMES = ("plain", "passthrough", "snapfs", "snapfs-enc")
+TARGET_NAMES = ("plain", "passthrough", "snapfs", "snapfs-enc", "snapfs-history")
 
 
-def make_target(name: str, runroot: Path) -> Target:
+def make_target(name: str, runroot: Path, history: int = 1000) -> Target:
     root = runroot / name
     if name == "plain":
         return PlainTarget(root)
@@ -237,6 +300,8 @@ def make_target(name: str, runroot: Path) -> Target:
         return SnapfsTarget(root)
     if name == "snapfs-enc":
         return SnapfsTarget(root, encrypted=True)
+    if name == "snapfs-history":
+        return SnapfsTarget(root, history=max(1, history))
     raise ValueError(name)
 
 
