@@ -6,10 +6,11 @@ No storage logic lives here. The mounted tree (SPEC section 3)::
     /.snapshots/      one directory per committed snapshot (a View of it)
     /.snapfs/stats    virtual JSON, generated on open, served with direct_io
 
-Kernel inode numbers are allocated per (view, inode) pair, so the same file seen in two
-snapshots is two different files to the kernel, and hard links inside one view share a
-number. Only FUSEError leaves a handler: vfs errors carry their errno, damaged data is
-EIO with a log line, anything else is logged as a bug and answered with EIO.
+Kernel inode numbers are (view slot, inode) pairs, so the same file seen in two
+snapshots is two different files to the kernel, hard links inside one view share a
+number, and a number never changes while the mount lives. Only FUSEError leaves a
+handler: vfs errors carry their errno, damaged data is EIO with a log line, anything
+else is logged as a bug and answered with EIO.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ SNAPSHOTS_INO = 2
 SNAPFS_INO = 3
 STATS_INO = 4
 FIRST_DYNAMIC = 16
+SLOT_SHIFT = 40  # kernel inode = (view slot << 40) | repository inode number
+INO_MASK = (1 << SLOT_SHIFT) - 1
 SNAPSHOTS = b".snapshots"
 SNAPFS = b".snapfs"
 STATS = b"stats"
@@ -109,30 +112,31 @@ class SnapfsOperations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.started = time.time_ns()
-        self._map: dict[int, tuple[View, int]] = {}
-        self._rev: dict[tuple[int, int], int] = {}
+        self._views: dict[int, View] = {}  # slot -> view (kept for the whole mount)
+        self._slot_of: dict[View, int] = {}
         self._lookups: dict[int, int] = {}
-        self._next_ino = FIRST_DYNAMIC
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         fs.on_view_changed = self._view_changed
 
     # -- inode mapping -----------------------------------------------------------------------
     def _fino(self, view: View, ino: int) -> int:
-        key = (id(view), ino)
-        fino = self._rev.get(key)
-        if fino is None:
-            fino = self._next_ino
-            self._next_ino += 1
-            self._rev[key] = fino
-            self._map[fino] = (view, ino)
-        return fino
+        """(view slot << 40) | repository inode: stable for the whole mount, so st_ino
+        never changes when the kernel forgets and looks a file up again (git relies on it)."""
+        slot = self._slot_of.get(view)
+        if slot is None:
+            slot = self._slot_of[view] = len(self._views) + 1
+            self._views[slot] = view
+        return (slot << SLOT_SHIFT) | ino
+
+    def _entry(self, fino: int) -> tuple[View, int]:
+        view = self._views.get(fino >> SLOT_SHIFT)
+        if view is None:
+            raise FsError(errno.ENOENT)
+        return view, fino & INO_MASK
 
     def _resolve(self, fino: int) -> tuple[View, Inode]:
-        try:
-            view, ino = self._map[fino]
-        except KeyError:
-            raise FsError(errno.ENOENT)
+        view, ino = self._entry(fino)
         return view, view.get(ino)
 
     def _resolve_dir(self, fino: int) -> tuple[View, Inode]:
@@ -145,7 +149,8 @@ class SnapfsOperations(pyfuse3.Operations):
         name = view.name().encode()
         parent = MNT_ROOT if view.kind == "volume" else SNAPSHOTS_INO
         pyfuse3.invalidate_entry_async(parent, name, ignore_enoent=True)
-        finos = [fino for fino, (v, _ino) in self._map.items() if v is view]
+        slot = self._slot_of.get(view)
+        finos = [fino for fino in self._lookups if fino >> SLOT_SHIFT == slot]
         # invalidate_inode blocks in the kernel: never call it from a handler's thread.
         threading.Thread(target=_invalidate_inodes, args=(finos,), daemon=True).start()
 
@@ -223,7 +228,7 @@ class SnapfsOperations(pyfuse3.Operations):
                 return self._virtual_attrs(STATS_INO)
             raise FsError(errno.ENOENT)
         view, _ = self._resolve_dir(parent)
-        return self._attrs(view, view.lookup(self._map[parent][1], name))
+        return self._attrs(view, view.lookup(parent & INO_MASK, name))
 
     def _volume_view(self, name: bytes) -> View:
         try:
@@ -238,23 +243,16 @@ class SnapfsOperations(pyfuse3.Operations):
                 self._lookups[fino] = left
                 continue
             self._lookups.pop(fino, None)
-            entry = self._map.get(fino)
-            if entry is None or self._has_handle(fino):
+            view = self._views.get(fino >> SLOT_SHIFT)
+            if view is None:
                 continue
-            view, ino = entry
+            node = view.inodes.get(fino & INO_MASK)
+            if node is not None and node.opens > 0:
+                continue
             try:
-                view.forget(ino)
+                view.forget(fino & INO_MASK)
             except Exception:
                 log.exception("forget failed")
-            node = view.inodes.get(ino)
-            if node is None:
-                del self._map[fino]
-                self._rev.pop((id(view), ino), None)
-
-    def _has_handle(self, fino: int) -> bool:
-        view, ino = self._map[fino]
-        node = view.inodes.get(ino)
-        return node is not None and node.opens > 0
 
     @handler
     async def getattr(self, inode, ctx=None):

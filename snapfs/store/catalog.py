@@ -133,6 +133,8 @@ class Catalog:
             # durability for fsync() and snapshot commits comes from sync_wal().
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA wal_autocheckpoint=0")
+            # after each checkpoint the WAL file is cut back (it otherwise keeps its peak)
+            self.db.execute("PRAGMA journal_size_limit=67108864")
             self.db.execute("PRAGMA cache_size=-65536")
             self.db.execute("PRAGMA temp_store=MEMORY")
             if not readonly:
