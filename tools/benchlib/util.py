@@ -221,21 +221,21 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def sync_fs(*paths: str | os.PathLike[str]) -> None:
     """syncfs(2) of the filesystems holding these paths, not sync(2) of every filesystem:
     on a shared machine another process's busy filesystem (a btrfs with quotas, a loop
-    device) made each sync(2) take up to two minutes. Falls back to sync(2)."""
+    device) made each sync(2) take up to two minutes, and a btrfs busy with quota work
+    blocked it for many minutes. A path that is gone has nothing to sync; a failed
+    syncfs is skipped (never a global sync(2))."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
-            os.sync()
             continue
         try:
-            if _libc.syncfs(fd) != 0:
-                os.sync()
+            _libc.syncfs(fd)
         finally:
             os.close(fd)
 
 
-def drop_caches(level: int, sync: Callable[[], None] = os.sync) -> None:
+def drop_caches(level: int, sync: Callable[[], None]) -> None:
     """sync (by default every filesystem), then drop clean caches: 1 page cache,
     2 dentries and inodes, 3 both."""
     sync()
