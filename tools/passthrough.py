@@ -202,7 +202,14 @@ class Passthrough(pyfuse3.Operations):
     def _own(self, path: bytes, ctx: pyfuse3.RequestContext) -> None:
         """Give a new file to the calling user (the daemon usually runs as root)."""
         if self.chown_needed and (ctx.uid or ctx.gid):
-            os.chown(path, ctx.uid, ctx.gid, follow_symlinks=False)
+            os.chown(path, ctx.uid, self._new_gid(path, ctx), follow_symlinks=False)
+
+    @staticmethod
+    def _new_gid(path: bytes, ctx: pyfuse3.RequestContext) -> int:
+        """The caller's group, unless the parent directory is set-group-ID: then the
+        backing filesystem already gave the new file the directory's group (-1 keeps it)."""
+        parent = os.path.dirname(path) or b"."
+        return -1 if os.stat(parent).st_mode & stat.S_ISGID else ctx.gid
 
     def _new_entry(
         self, parent: int, name: bytes, path: bytes, ctx: pyfuse3.RequestContext
@@ -400,7 +407,7 @@ class Passthrough(pyfuse3.Operations):
         fd = self._open_backing(path, flags | os.O_CREAT, mode)
         try:
             if self.chown_needed and (ctx.uid or ctx.gid):
-                os.fchown(fd, ctx.uid, ctx.gid)
+                os.fchown(fd, ctx.uid, self._new_gid(path, ctx))
             attr = self._remember(os.fstat(fd), parent_inode, name)
         except OSError:
             os.close(fd)
@@ -505,7 +512,10 @@ class Passthrough(pyfuse3.Operations):
 
     @_errno
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in os.listxattr(self._path(inode), follow_symlinks=False)]
+        names = [os.fsencode(n) for n in os.listxattr(self._path(inode), follow_symlinks=False)]
+        if ctx.uid != 0:  # the daemon is root; ext4 lists trusted.* only to CAP_SYS_ADMIN
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @_errno
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -518,7 +518,10 @@ class SnapfsOperations(pyfuse3.Operations):
         if inode < FIRST_DYNAMIC:
             return []
         view, node = self._resolve(inode)
-        return view.listxattr(node.ino)
+        names = view.listxattr(node.ino)
+        if ctx.uid != 0:  # like ext4: trusted.* is listed only to CAP_SYS_ADMIN
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
     @handler
     async def removexattr(self, inode, name, ctx):

@@ -218,8 +218,10 @@ class Mount:
     volumes are plain directories, and snapfs-only helpers skip the test."""
 
     def __init__(self, base: Path, chunk_size: str | None = None, *,
-                 env: dict[str, str | None] | None = None, encrypt: bool | None = None):
+                 env: dict[str, str | None] | None = None, encrypt: bool | None = None,
+                 allow_other: bool = False):
         self.base = Path(base)
+        self.allow_other = allow_other  # other users may enter (suites run as them)
         # extra environment of every snapfs command and of the daemon (e.g. the
         # passphrase; a None value removes a variable); None: the test's environment
         self.env = env
@@ -258,6 +260,8 @@ class Mount:
         else:
             cmd = [sys.executable, passthrough_script(), str(self.repo), str(self.mnt),
                    "--pidfile", str(self._pt_pid), "--log", str(self._pt_log)]
+        if self.allow_other:
+            cmd.append("--allow-other")
         # output to a file, not a pipe: a daemon that keeps the pipe open must not hang us
         out = self.base / "mount-command.out"
         with open(out, "w+") as f:
