@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import pytest
 from fusehelpers import data, read_bytes, snapfs_bin, tree_contents, write_bytes
 
 WORKER = r"""
@@ -145,6 +146,7 @@ def test_mount_after_kill_with_no_workload(fresh_mount):
     assert (m.vol / "f").read_bytes() == b"synced"
 
 
+@pytest.mark.slow
 def test_crash_loop_keeps_every_acknowledged_write(fresh_mount, tmp_path):
     """Six crashes in a row at random moments (while files are written and fsynced, while
     snapshots are committed and the collector runs): after each, fsck passes on the
