@@ -8,6 +8,7 @@ stores every dirty buffer, syncs, and releases the lock.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -69,6 +70,9 @@ def setup_logging(path: str | None, debug: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # `kill -USR1 PID` writes every thread's stack to the log, even when the event loop
+    # thread is stuck in a system call: what a hung mount is doing, without a debugger.
+    faulthandler.register(signal.SIGUSR1, file=handler.stream, all_threads=True)
 
 
 def tune_malloc() -> None:

@@ -313,6 +313,17 @@ class Mount:
         self.umount()
         self.mount()
 
+    def dump_stacks(self) -> str:
+        """Ask the daemon for every thread's stack (SIGUSR1) and return the log's tail:
+        what a test that timed out shows about a hung daemon."""
+        if not self.is_snapfs:
+            return ""
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(self.daemon_pid(), signal.SIGUSR1)
+            time.sleep(1)
+            return "daemon log tail:\n" + "".join(self.log_path.read_text().splitlines(True)[-80:])
+        return "(no daemon to ask for its stacks)"
+
     def kill_daemon(self) -> None:
         """SIGKILL the daemon (a crash), then clear the dead mount like an admin would."""
         pid = self.daemon_pid()

@@ -171,7 +171,11 @@ def test_crash_loop_keeps_every_acknowledged_write(fresh_mount, tmp_path):
         side = None
         try:
             while len(names) < rng.randrange(5, 40):
-                item = q.get(timeout=120)
+                try:
+                    item = q.get(timeout=120)
+                except queue.Empty:
+                    pytest.fail(f"round {rnd}: no fsync acknowledged for 120 s\n"
+                                + m.dump_stacks(), pytrace=False)
                 assert item is not None, f"round {rnd}: worker died after {len(names)} acks"
                 names.append(item[1])
             if m.is_snapfs and rnd > 0:

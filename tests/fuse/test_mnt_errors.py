@@ -142,3 +142,13 @@ def test_commit_to_existing_label_fails_cleanly(mount, vd):
     r = mount.run_cli("commit", mount.vol, "--label", "taken", check=False)
     assert r.returncode != 0
     assert r.stderr.strip() and "Traceback" not in r.stderr
+
+
+@pytest.mark.snapfs_only
+def test_sigusr1_writes_thread_stacks_to_the_log(mount, vd):
+    """The operator's view into a hung mount: SIGUSR1 logs every thread's stack, and the
+    daemon carries on serving."""
+    text = mount.dump_stacks()
+    assert "most recent call first" in text and "daemon.py" in text, text
+    write_bytes(vd / "after", b"still serving")
+    assert (vd / "after").read_bytes() == b"still serving"
