@@ -487,3 +487,34 @@ def test_default_cache_size_follows_the_machine():
     total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert size == max(64 << 20, min(1 << 30, total // 16))
     assert ChunkManager.__init__.__kwdefaults__["cache_bytes"] is None
+
+
+def test_record_evicted_from_the_page_cache_is_read_in_a_worker_thread(st):
+    """No mocks: the kernel itself answers EAGAIN for a record it would read from disk."""
+    payload = os.urandom(128 * 1024)
+    cid = trio.run(st.cm.put, payload)
+    st.packs.sync()  # clean pages can be dropped
+    probe = os.path.join(st.root, "probe")  # does this file system drop clean pages?
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, os.urandom(1 << 16), 0)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(4096)], 8192, os.RWF_NOWAIT)
+            pytest.skip("this file system kept the pages (e.g. tmpfs): no EAGAIN to see")
+        except BlockingIOError:
+            pass
+    finally:
+        os.close(fd)
+    fd = os.open(os.path.join(st.packs.directory, pack_name(1)), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    fresh = st.fresh_manager()
+    assert trio.run(fresh.get, cid) == payload
+    assert (fresh.reads_inline, fresh.reads_thread) == (0, 1)
+    fresh.cache.drop(cid)
+    assert trio.run(fresh.get, cid) == payload  # now in the page cache again
+    assert (fresh.reads_inline, fresh.reads_thread) == (1, 1)
