@@ -290,6 +290,7 @@ def import_bundle(fs: Filesystem, path: str) -> dict:
             result = _apply(fs, iter(reader), bundle_id)
         except BaseException:
             fs.cat.rollback()
+            fs.chunks.forget_all()  # the rolled-back chunk ids may be handed out again
             fs.graph.reload()
             raise
     return result

@@ -21,10 +21,11 @@ from snapfs.store.repo import RepoLock, RepoPaths, load_config
 class Repository:
     """secret opens an encrypted repository: the passphrase or key-file secret that
     unwraps its master key (see open_secret in the CLI). A wrong one raises WrongKey
-    before anything is read."""
+    before anything is read. cache_bytes sizes the plaintext chunk cache (None: the
+    default, chunks.default_cache_bytes)."""
 
     def __init__(self, path: str, *, holder: str = "a snapfs command",
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, cache_bytes: int | None = None) -> None:
         self.paths = RepoPaths(path)
         self.config = load_config(path)
         self.keys = self._unlock(secret)
@@ -36,7 +37,8 @@ class Repository:
             self.packs = PackStore(self.paths.packs, writable=True)
             id_key = self.config.id_key if self.keys is None else self.keys.id_key
             aead = None if self.keys is None else Aead(self.keys.data_key)
-            self.chunks = ChunkManager(self.cat, self.packs, id_key, aead=aead)
+            self.chunks = ChunkManager(self.cat, self.packs, id_key, aead=aead,
+                                       cache_bytes=cache_bytes)
             self.graph = Graph(self.cat)
             self.cat.commit()
         except BaseException:

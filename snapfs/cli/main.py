@@ -187,9 +187,10 @@ def cmd_mount(args) -> int:
     if not is_repository(args.repo):
         raise NotARepository(f"{args.repo} is not a snapfs repository; create one with "
                              f"`snapfs init {args.repo}`")
+    cache_bytes = parse_size(args.cache_size) if args.cache_size else None
     return mount(args.repo, args.mountpoint, foreground=args.foreground,
                  allow_other=args.allow_other, commit_every=args.commit_every, debug=args.debug,
-                 secret=_checked_secret(args.repo))
+                 secret=_checked_secret(args.repo), cache_bytes=cache_bytes)
 
 
 def _checked_secret(repo: str) -> bytes | None:
@@ -461,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-other", action="store_true", help="let other users into the mount")
     s.add_argument("--commit-every", type=float, metavar="SECONDS",
                    help="commit every changed volume on this timer")
+    s.add_argument("--cache-size", metavar="SIZE", default=os.environ.get("SNAPFS_CACHE_SIZE"),
+                   help="plaintext chunk cache, e.g. 256M, 2G (default: $SNAPFS_CACHE_SIZE, "
+                        "else 1/16 of the memory, 64M to 1G)")
     s.add_argument("--debug", action="store_true", help="verbose log")
     s.set_defaults(func=cmd_mount)
 

@@ -56,7 +56,7 @@ class Collector:
             part = ids[i:i + 500]
             self.cat.write(f"DELETE FROM chunks WHERE id IN ({','.join('?' * len(part))})", part)
         for cid in ids:
-            self.chunks.cache.drop(cid)
+            self.chunks.forget(cid)
         self.freed_chunks += len(ids)
         return len(ids)
 
@@ -132,6 +132,7 @@ class Collector:
                 continue  # freed meanwhile: the copy is dead bytes in the new pack
             self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
                            (new.pack, new.offset, new.length, cid))
+            self.chunks.relocated(cid, new)  # keep the reader's location map exact
             moved += new.length
         self.moved_bytes += moved
         # throttle: keep to self.rate bytes per second of copying

@@ -22,10 +22,13 @@ opens the store for writing starts a fresh pack, so no writer ever appends after
 tail.
 
 Thread safety: ``append`` and ``sync`` take a lock; ``read`` uses pread and needs none.
+``read_cached`` reads into the caller's buffer and never waits for the disk (RWF_NOWAIT):
+it is meant for the event loop's thread, which must not block on I/O.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -44,6 +47,7 @@ CHECK = struct.Struct("<Q")
 RECORD_OVERHEAD = RECORD_HEADER.size + CHECK.size
 FLAG_ENCRYPTED = 1
 DEFAULT_PACK_LIMIT = 128 * 1024 * 1024
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+; 0: read_cached always declines
 
 
 def pack_name(pack_id: int) -> str:
@@ -64,6 +68,7 @@ class PackStore:
         self._write_end = 0
         self._unsynced = False
         self._retired: list[int] = []
+        self.nowait = RWF_NOWAIT != 0  # cleared if the kernel or file system refuses it
         os.makedirs(directory, exist_ok=True)
 
     # -- writing -------------------------------------------------------------------
@@ -193,6 +198,35 @@ class PackStore:
         data = os.pread(self._fd(loc.pack), loc.length, loc.offset)
         return verify_record(data, chunk_id, loc)
 
+    def read_cached(self, chunk_id: int, loc: ChunkLocation,
+                    buf: bytearray) -> tuple[memoryview, int] | None:
+        """Read and verify one record into buf, but only if the page cache holds all of it.
+
+        Returns (payload, flags), the payload a view into buf (valid until buf is reused),
+        or None when reading would wait for the disk (EAGAIN), the read came back short
+        (partly cached, or a truncated pack), or RWF_NOWAIT is not supported: the caller
+        then reads with read(), in a worker thread, which also reports truncation.
+        A damaged record raises IntegrityError, as read() does.
+        """
+        if not self.nowait:
+            return None
+        fd = self._fd(loc.pack)
+        view = memoryview(buf)[:loc.length]
+        if len(view) != loc.length:
+            raise ValueError("buffer smaller than the record")
+        try:
+            n = os.preadv(fd, (view,), loc.offset, RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            self.nowait = False
+            return None
+        if n != loc.length:
+            return None
+        return verify_record(view, chunk_id, loc)
+
     def read_record(self, chunk_id: int, loc: ChunkLocation) -> tuple[bytes, int, int]:
         """Read and verify one record; returns (payload, plaintext length, flags)."""
         data = os.pread(self._fd(loc.pack), loc.length, loc.offset)
@@ -232,21 +266,27 @@ class PackStore:
         self._retired = []
 
 
-def verify_record(data: bytes, chunk_id: int, loc: ChunkLocation) -> tuple[bytes, int]:
-    """Check one record's framing and checksum; raise IntegrityError naming it."""
-    where = f"chunk {chunk_id} in {pack_name(loc.pack)} at offset {loc.offset}"
+def verify_record(data: bytes | memoryview, chunk_id: int,
+                  loc: ChunkLocation) -> tuple[bytes | memoryview, int]:
+    """Check one record's framing and checksum; raise IntegrityError naming it. The payload
+    returned is a slice of data (a view if data is a memoryview)."""
     if len(data) != loc.length or len(data) < RECORD_OVERHEAD:
-        raise IntegrityError(f"{where}: record truncated ({len(data)} of {loc.length} bytes)")
+        raise IntegrityError(f"{_where(chunk_id, loc)}: record truncated "
+                             f"({len(data)} of {loc.length} bytes)")
     magic, flags, _resv, length, _raw, stored_id = RECORD_HEADER.unpack_from(data)
     if magic != RECORD_MAGIC or length != loc.length - RECORD_OVERHEAD or stored_id != chunk_id:
-        raise IntegrityError(f"{where}: record header damaged")
+        raise IntegrityError(f"{_where(chunk_id, loc)}: record header damaged")
     (stored_check,) = CHECK.unpack_from(data, RECORD_HEADER.size)
     check = xxhash.xxh3_64(data[: RECORD_HEADER.size])
     payload = data[RECORD_OVERHEAD:]
     check.update(payload)
     if check.intdigest() != stored_check:
-        raise IntegrityError(f"{where}: checksum mismatch")
+        raise IntegrityError(f"{_where(chunk_id, loc)}: checksum mismatch")
     return payload, flags
+
+
+def _where(chunk_id: int, loc: ChunkLocation) -> str:
+    return f"chunk {chunk_id} in {pack_name(loc.pack)} at offset {loc.offset}"
 
 
 def _fsync_dir(path: str) -> None:

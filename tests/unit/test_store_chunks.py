@@ -282,3 +282,239 @@ def test_chunk_cache_is_a_byte_bounded_lru():
     assert c.size == 4 and c.get(1) is None
     c.put(4, b"x" * 11)  # larger than the whole cache: not kept
     assert c.size <= 10 and c.get(4) is None
+
+
+# -- the read path: inline page-cache reads, the thread fallback, the location map --------------
+def _forbid_thread_reads(monkeypatch, packs: PackStore) -> None:
+    def no_thread_read(*args):
+        raise AssertionError("this record should have been read inline")
+
+    monkeypatch.setattr(packs, "read", no_thread_read)
+
+
+def test_record_in_the_page_cache_is_read_inline(st, monkeypatch):
+    payload = os.urandom(100_000)
+    cid = trio.run(st.cm.put, payload)
+    fresh = st.fresh_manager()
+    _forbid_thread_reads(monkeypatch, st.packs)  # just written: in the page cache
+    assert trio.run(fresh.get, cid) == payload
+    assert (fresh.reads_inline, fresh.reads_thread) == (1, 0)
+    assert type(fresh.cache.get(cid)) is bytes  # a copy, not a view of the shared buffer
+    # the shared buffer is reused: the first chunk's cached bytes do not change
+    other = trio.run(st.cm.put, os.urandom(100_000))
+    assert trio.run(fresh.get, other) != payload
+    assert fresh.cache.get(cid) == payload
+
+
+def test_eagain_falls_back_to_a_worker_thread(st, monkeypatch):
+    import snapfs.store.packs as packs_mod
+
+    payload = os.urandom(50_000)
+    cid = trio.run(st.cm.put, payload)
+    calls = []
+
+    def not_cached(fd, buffers, offset, flags=0):
+        calls.append(flags)
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(packs_mod.os, "preadv", not_cached)
+    fresh = st.fresh_manager()
+    assert trio.run(fresh.get, cid) == payload
+    assert calls == [packs_mod.RWF_NOWAIT]
+    assert (fresh.reads_inline, fresh.reads_thread) == (0, 1)
+    assert st.packs.nowait  # EAGAIN is not a reason to stop trying
+
+
+def test_short_nowait_read_falls_back_to_a_worker_thread(st, monkeypatch):
+    import snapfs.store.packs as packs_mod
+
+    payload = os.urandom(50_000)
+    cid = trio.run(st.cm.put, payload)
+    real = packs_mod.os.preadv
+
+    def partly_cached(fd, buffers, offset, flags=0):
+        return real(fd, [b[:4096] for b in buffers], offset, flags)
+
+    monkeypatch.setattr(packs_mod.os, "preadv", partly_cached)
+    fresh = st.fresh_manager()
+    assert trio.run(fresh.get, cid) == payload
+    assert (fresh.reads_inline, fresh.reads_thread) == (0, 1)
+
+
+def test_nowait_unsupported_is_remembered(st, monkeypatch):
+    import snapfs.store.packs as packs_mod
+
+    cid = trio.run(st.cm.put, b"p" * 5000)
+    calls = []
+
+    def unsupported(fd, buffers, offset, flags=0):
+        calls.append(flags)
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(packs_mod.os, "preadv", unsupported)
+    for _ in range(2):
+        fresh = st.fresh_manager()
+        assert trio.run(fresh.get, cid) == b"p" * 5000
+        assert fresh.reads_thread == 1
+    assert len(calls) == 1 and not st.packs.nowait
+
+
+def test_damaged_record_read_inline_raises_integrity_error(st, monkeypatch):
+    cid = trio.run(st.cm.put, b"inline damage" * 100)
+    st.damage(cid, at=700)
+    fresh = st.fresh_manager()
+    _forbid_thread_reads(monkeypatch, st.packs)  # the inline read itself must catch it
+    with pytest.raises(IntegrityError, match=f"chunk {cid} .*checksum mismatch"):
+        trio.run(fresh.get, cid)
+    assert fresh.cache.get(cid) is None
+    assert fresh.reads_inline == 0
+
+
+def test_truncated_pack_is_reported_by_the_fallback(st):
+    cid = trio.run(st.cm.put, b"t" * 9000)
+    st.packs.sync()
+    path = os.path.join(st.packs.directory, pack_name(1))
+    os.truncate(path, os.path.getsize(path) - 10)
+    fresh = st.fresh_manager()
+    with pytest.raises(IntegrityError, match="truncated"):
+        trio.run(fresh.get, cid)
+    assert fresh.reads_thread == 1  # the short inline read declined, the thread reported
+
+
+def test_encrypted_record_read_inline(tmp_path, monkeypatch):
+    from snapfs.crypto.aead import Aead
+
+    s = Store(tmp_path / "e")
+    try:
+        s.cm.aead = Aead(bytes(range(32, 64)))
+        payload = os.urandom(128 * 1024)
+        cid = trio.run(s.cm.put, payload)
+        fresh = s.fresh_manager()
+        fresh.aead = s.cm.aead
+        _forbid_thread_reads(monkeypatch, s.packs)
+        assert trio.run(fresh.get, cid) == payload
+        assert fresh.reads_inline == 1
+        s.damage(cid, at=1000)  # in the ciphertext: the checksum catches it first
+        fresh = s.fresh_manager()
+        fresh.aead = s.cm.aead
+        with pytest.raises(IntegrityError):
+            trio.run(fresh.get, cid)
+        plain = s.fresh_manager()  # no key: refuses the envelope, inline too
+        cid2 = trio.run(s.cm.put, b"second")
+        with pytest.raises(IntegrityError, match="encrypted but this repository has no key"):
+            trio.run(plain.get, cid2)
+    finally:
+        s.close()
+
+
+def test_location_map_avoids_the_index_and_is_bounded(st):
+    ids = [st.cm.put_sync(bytes([i]) * 3000) for i in range(1, 6)]
+    cm = ChunkManager(st.cat, st.packs, KEY, cache_bytes=0, locations_limit=3)
+    for cid in ids:
+        assert trio.run(cm.get, cid)[:1] == bytes([ids.index(cid) + 1])
+    assert list(cm._where) == ids[2:]  # the oldest went first
+    queries = []
+    st.cat.db.set_trace_callback(queries.append)
+    try:
+        trio.run(cm.get, ids[-1])
+    finally:
+        st.cat.db.set_trace_callback(None)
+    assert not [q for q in queries if "FROM chunks" in q]
+
+
+def _collector(st: Store, cm: ChunkManager):
+    from snapfs.store.gc import Collector
+
+    return Collector(st.cat, st.packs, cm, rate=0)
+
+
+def test_location_map_stays_exact_across_compaction(st, monkeypatch):
+    from pyroaring import BitMap
+
+    payloads = [os.urandom(20_000) for _ in range(6)]
+    ids = [st.cm.put_sync(p) for p in payloads]
+    cm = ChunkManager(st.cat, st.packs, KEY, cache_bytes=0)
+    for cid in ids:
+        trio.run(cm.get, cid)  # every location in the map
+    gc = _collector(st, cm)
+    keep = ids[::2]
+    assert gc.free(BitMap(keep)) == 3
+    assert sorted(cm._where) == keep  # freed chunks are forgotten
+    assert trio.run(gc.compact, 0.0) == 1  # pack 1 moved into pack 2 and removed
+    assert 1 not in st.packs.pack_ids()
+    for cid in keep:
+        assert cm._where[cid] == cm._lookup(cid) and cm._where[cid][0].pack == 2
+    _forbid_thread_reads(monkeypatch, st.packs)
+    inline = cm.reads_inline
+    for cid in keep:
+        assert trio.run(cm.get, cid) == payloads[ids.index(cid)]
+    assert cm.reads_inline == inline + 3  # no retries, no fallbacks
+
+
+def test_get_retries_when_the_record_moved_under_a_stale_location(st, monkeypatch):
+    """What a read in a worker thread sees when the collector moves the record meanwhile:
+    the old place is gone; get() reads the new place instead of reporting damage."""
+    from pyroaring import BitMap
+
+    payloads = [os.urandom(20_000) for _ in range(4)]
+    ids = [st.cm.put_sync(p) for p in payloads]
+    cm = ChunkManager(st.cat, st.packs, KEY, cache_bytes=0)
+    for cid in ids:
+        trio.run(cm.get, cid)
+    gc = _collector(st, cm)
+    gc.free(BitMap(ids[:2]))
+    monkeypatch.setattr(cm, "relocated", lambda cid, loc: None)  # the map goes stale
+    trio.run(gc.compact, 0.0)
+    assert cm._where[ids[0]] != cm._lookup(ids[0])
+    assert trio.run(cm.get, ids[0]) == payloads[0]
+    assert cm._where[ids[0]] == cm._lookup(ids[0])
+
+
+def test_forget_all_drops_every_cached_id(st):
+    cid = trio.run(st.cm.put, b"rolled back")
+    trio.run(st.cm.get, cid)
+    st.cm.location(cid)
+    st.cm.forget_all()
+    assert st.cm.cache.get(cid) is None and not st.cm._where
+    assert st.cm.cache.limit == 1 << 20
+
+
+def test_default_cache_size_follows_the_machine():
+    from snapfs.store.chunks import default_cache_bytes
+
+    size = default_cache_bytes()
+    assert 64 << 20 <= size <= 1 << 30
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert size == max(64 << 20, min(1 << 30, total // 16))
+    assert ChunkManager.__init__.__kwdefaults__["cache_bytes"] is None
+
+
+def test_record_evicted_from_the_page_cache_is_read_in_a_worker_thread(st):
+    """No mocks: the kernel itself answers EAGAIN for a record it would read from disk."""
+    payload = os.urandom(128 * 1024)
+    cid = trio.run(st.cm.put, payload)
+    st.packs.sync()  # clean pages can be dropped
+    probe = os.path.join(st.root, "probe")  # does this file system drop clean pages?
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, os.urandom(1 << 16), 0)
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.preadv(fd, [bytearray(4096)], 8192, os.RWF_NOWAIT)
+            pytest.skip("this file system kept the pages (e.g. tmpfs): no EAGAIN to see")
+        except BlockingIOError:
+            pass
+    finally:
+        os.close(fd)
+    fd = os.open(os.path.join(st.packs.directory, pack_name(1)), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    fresh = st.fresh_manager()
+    assert trio.run(fresh.get, cid) == payload
+    assert (fresh.reads_inline, fresh.reads_thread) == (0, 1)
+    fresh.cache.drop(cid)
+    assert trio.run(fresh.get, cid) == payload  # now in the page cache again
+    assert (fresh.reads_inline, fresh.reads_thread) == (1, 1)
