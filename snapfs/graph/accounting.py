@@ -80,12 +80,15 @@ def contents(graph: Graph, vid: int) -> BitMap:
 
 
 def reclaim(graph: Graph, ids: Iterable[int]) -> BitMap:
-    """The chunks that deleting every vertex in ids would free."""
+    """The chunks that deleting every vertex in ids would free.
+
+    O(the vertices of ids, their children and the chunks they add), whatever the size of
+    the rest of the graph: which candidates some vertex outside ids also adds is asked of
+    the catalog's chunk index (vertex_chunks presence +1 rows mirror the added sets).
+    """
     s = set(ids)
     candidates = BitMap.union(BitMap(), *(graph.vertices[v].added for v in s))
-    outside = BitMap.union(BitMap(), *(v.added for vid, v in graph.vertices.items()
-                                       if vid not in s))
-    candidates -= outside
+    candidates -= added_outside(graph, candidates, s)
     if not candidates:
         return candidates
     held: dict[int, BitMap] = {}
@@ -101,7 +104,24 @@ def reclaim(graph: Graph, ids: Iterable[int]) -> BitMap:
     return candidates - leak
 
 
+def added_outside(graph: Graph, chunks: BitMap, s: set[int], batch: int = 500) -> BitMap:
+    """The chunks of chunks that some vertex not in s adds (one indexed query per batch)."""
+    out = BitMap()
+    ids = list(chunks)
+    for i in range(0, len(ids), batch):
+        part = ids[i:i + batch]
+        marks = ",".join("?" * len(part))
+        for chunk, vertex in graph.cat.execute(
+                f"SELECT chunk, vertex FROM vertex_chunks WHERE chunk IN ({marks}) "
+                "AND presence > 0", part):
+            if vertex not in s:
+                out.add(chunk)
+    return out
+
+
 def _topological(graph: Graph, s: set[int]) -> list[int]:
-    """Vertices of s, parents before children."""
-    depth = {vid: len(graph.chain(vid)) for vid in s}
-    return sorted(s, key=depth.__getitem__)
+    """Vertices of s, parents before children (O(len(s)), no ancestor chains)."""
+    order = [vid for vid in s if graph.vertices[vid].parent not in s]
+    for vid in order:  # grows while it is walked: breadth-first inside s
+        order.extend(c for c in graph.children.get(vid, ()) if c in s)
+    return order
