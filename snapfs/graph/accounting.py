@@ -30,17 +30,20 @@ def shared_chunks(vertices: Iterable[Vertex]) -> tuple[BitMap, BitMap]:
     """(chunks added by at least one vertex, chunks added by two or more)."""
     seen, shared = BitMap(), BitMap()
     for v in vertices:
-        shared |= seen & v.added
+        if v.added.intersect(seen):  # rare (dedup, re-introduced chunks): no copy otherwise
+            shared |= seen & v.added
         seen |= v.added
     return seen, shared
 
 
 def exclusive(graph: Graph, v: Vertex, shared: BitMap) -> int:
-    own = v.added - shared
+    if not v.added:
+        return 0
+    own = v.added - shared if v.added.intersect(shared) else v.added
     for child in graph.children.get(v.id, ()):
         if not own:
             break
-        own &= graph.vertices[child].removed
+        own = own & graph.vertices[child].removed
     return len(own)
 
 

@@ -339,6 +339,10 @@ class Filesystem:
             result[key] = fn()
         return result
 
+    def stats_json(self) -> str:
+        """The text of .snapfs/stats (graph/stats.py dumps: one line per vertex)."""
+        return graph_stats.dumps(self.stats())
+
     def find_view(self, kind: str, name: str) -> View:
         if kind == "volume":
             return self.volume_view(name)

@@ -137,3 +137,22 @@ async def test_daemon_wal_stays_bounded_while_commits_never_stop(fs, view):
         nursery.cancel_scope.cancel()
     assert fs.checkpoints >= 3
     assert peak < 2 << 20, f"WAL peaked at {peak} bytes"
+
+
+@trio_test
+async def test_stats_text_is_the_same_json_one_line_per_snapshot(fs, view):
+    import json
+
+    from snapfs.graph import stats as graph_stats
+
+    rng = random.Random(9)
+    nodes = [await write_file(view, b"f%d" % i, rng.randbytes(100)) for i in range(5)]
+    await fs.commit(view, "s1")
+    await grow(fs, view, nodes, rng, 2, 12)
+    doc = fs.stats()
+    text = fs.stats_json()
+    assert json.loads(text) == json.loads(json.dumps(doc))
+    lines = text.splitlines()
+    assert sum('"name": "v@s' in line for line in lines) == 12  # one line each
+    assert graph_stats.dumps({"a": [], "b": {}, "c": None}) == \
+        '{\n  "a": [],\n  "b": {},\n  "c": null\n}\n'
