@@ -38,11 +38,14 @@ the few frames committed meanwhile on this connection right after a commit
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
 
 from snapfs.errors import FormatError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 JOURNAL_SIZE_LIMIT = 16 << 20
@@ -184,7 +187,11 @@ class Catalog:
             self._in_tx = False
         self.last_commit = time.monotonic()
         if self._finish_checkpoint:
-            self.finish_checkpoint()
+            try:
+                self.finish_checkpoint()
+            except sqlite3.Error as e:  # the commit above stands; the next round retries
+                self._finish_checkpoint = False
+                log.warning("finishing a WAL checkpoint failed: %s", e)
 
     def rollback(self) -> None:
         if self._in_tx:
