@@ -61,6 +61,9 @@ async def handle(fs: Filesystem, req: dict) -> dict:
             "created": v.created, "delta": v.delta, "referenced": v.referenced} for v in snaps]}
     if op == "stats":
         await fs.flush_dirty()
+        if req.get("reclaim") and req.get("reclaim_only"):
+            # O(the range), not O(the graph): the whole stats document is not built
+            return {"reclaim": reclaim(fs, req["reclaim"])}
         result = fs.stats()
         if req.get("reclaim"):
             result["reclaim"] = reclaim(fs, req["reclaim"])

@@ -127,7 +127,8 @@ def check_accounting(fs: Filesystem) -> list[str]:
     g: Graph = fs.graph
     problems = []
     counts: dict[int, Counter] = {}
-    for vid in sorted(g.vertices, key=lambda v: len(g.chain(v))):
+    depth = g.depths()
+    for vid in sorted(g.vertices, key=depth.__getitem__):
         try:
             counts[vid] = tree_counts(PinnedView(fs, vid))
         except IntegrityError as e:

@@ -329,6 +329,17 @@ def _fmt_bytes(n: int) -> str:
 
 def cmd_stats(args) -> int:
     target = find_target(args.C)
+    if args.reclaim:
+        # the question asked is what the deletion would free: the answer alone (computing
+        # and printing every snapshot's row would cost O(graph) at 10,000 snapshots)
+        res = run_op(target, {"op": "stats", "reclaim": args.reclaim, "reclaim_only": True})
+        r = res["reclaim"]
+        if args.json:
+            print(json.dumps(res, indent=2))
+        else:
+            print(f"deleting {len(r['snapshots'])} snapshots would free {r['chunks']} chunks "
+                  f"({_fmt_bytes(r['bytes'])})")
+        return 0
     res = run_op(target, {"op": "stats", "reclaim": args.reclaim})
     if args.json:
         print(json.dumps(res, indent=2))

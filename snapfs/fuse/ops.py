@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
 import stat
@@ -390,7 +389,7 @@ class SnapfsOperations(pyfuse3.Operations):
             if flags & (os.O_WRONLY | os.O_RDWR):
                 raise FsError(errno.EROFS)
             await self.fs.flush_dirty()  # figures count every write made before the read
-            data = (json.dumps(self.fs.stats(), indent=2) + "\n").encode()
+            data = self.fs.stats_json().encode()
             return pyfuse3.FileInfo(fh=self._new_fh(Handle(None, None, data)), direct_io=True)
         if inode < FIRST_DYNAMIC:
             raise FsError(errno.EISDIR)

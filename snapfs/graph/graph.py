@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from pyroaring import BitMap
@@ -26,6 +27,11 @@ from snapfs.store.catalog import Catalog
 from snapfs.types import ROOT_INO, VertexId
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}")
+
+# Ancestor chains kept in memory (most recently used first out last). A chain is a dict of
+# depth entries, so caching one for every vertex of a line of N snapshots costs O(N^2)
+# memory (3.4 GB at 10,000 snapshots); the views in use need a handful.
+CHAIN_CACHE = 32
 
 
 @dataclass
@@ -82,7 +88,7 @@ class Graph:
         self.snapshot_drafts: dict[int, int] = {}  # snapshot id -> draft shown over it
         self.by_name: dict[str, int] = {}
         self._refs: dict[int, DraftRefs] = {}
-        self._chains: dict[int, dict[int, int]] = {}
+        self._chains: OrderedDict[int, dict[int, int]] = OrderedDict()
         self.version = 0  # bumped on every structural change (stats consistency, caches)
         self._load()
 
@@ -144,17 +150,53 @@ class Graph:
         return [v for v in self.vertices.values() if v.kind == "snapshot"]
 
     def chain(self, vid: int) -> dict[int, int]:
-        """Ancestors-or-self of vid mapped to their depth (root = 0). Cached."""
-        chain = self._chains.get(vid)
-        if chain is None:
+        """Ancestors-or-self of vid mapped to their depth (root = 0).
+
+        The result is shared: callers must not change it. The last CHAIN_CACHE chains used
+        are cached; a missing one is built from the nearest cached ancestor's (a C-speed
+        dict copy) or by walking to the root.
+        """
+        chains = self._chains
+        chain = chains.get(vid)
+        if chain is not None:
+            chains.move_to_end(vid)
+            return chain
+        path = []
+        cur: int | None = vid
+        base: dict[int, int] | None = None
+        while cur is not None:
+            base = chains.get(cur)
+            if base is not None:
+                break
+            path.append(cur)
+            cur = self.vertices[cur].parent
+        if base is not None:
+            chain = dict(base)
+            depth = len(base)
+        else:
+            chain, depth = {}, 0
+        for v in reversed(path):
+            chain[v] = depth
+            depth += 1
+        chains[vid] = chain
+        while len(chains) > CHAIN_CACHE:
+            chains.popitem(last=False)
+        return chain
+
+    def depths(self) -> dict[int, int]:
+        """Every vertex's depth (root = 0), in O(vertices) time and memory."""
+        depth: dict[int, int] = {}
+        for vid in self.vertices:
             path = []
             cur: int | None = vid
-            while cur is not None:
+            while cur is not None and cur not in depth:
                 path.append(cur)
                 cur = self.vertices[cur].parent
-            chain = {v: depth for depth, v in enumerate(reversed(path))}
-            self._chains[vid] = chain
-        return chain
+            d = -1 if cur is None else depth[cur]
+            for v in reversed(path):
+                d += 1
+                depth[v] = d
+        return depth
 
     # -- creating vertices ------------------------------------------------------------------
     def _next_id(self, key: str) -> int:
@@ -279,13 +321,20 @@ class Graph:
             refs = self._refs[draft_id] = DraftRefs()
         return refs
 
-    def count_in(self, vid: int, chunk: int) -> int:
-        """How many references vertex vid holds to chunk (sum of refs over its chain)."""
-        chain = self.chain(vid)
+    def count_in(self, vid: int, chunk: int, *, below: int | None = None) -> int:
+        """How many references vertex vid holds to chunk (sum of refs over its chain).
+
+        below: a child of vid whose chain is at hand (a draft's, which its view uses);
+        its chain minus itself is vid's, so vid's own chain need not be built.
+        """
+        if below is not None:
+            chain, skip = self.chain(below), below
+        else:
+            chain, skip = self.chain(vid), None
         total = 0
         for vertex, refs in self.cat.execute(
                 "SELECT vertex, refs FROM vertex_chunks WHERE chunk=?", (chunk,)):
-            if vertex in chain:
+            if vertex in chain and vertex != skip:
                 total += refs
         return total
 
@@ -304,7 +353,8 @@ class Graph:
                 own = state.own[chunk] = list(row) if row else [0, 0]
             base = state.base.get(chunk)
             if base is None:
-                base = 0 if draft.parent is None else self.count_in(draft.parent, chunk)
+                base = (0 if draft.parent is None else
+                        self.count_in(draft.parent, chunk, below=draft_id))
                 state.base[chunk] = base
             own[0] += change
             count = base + own[0]

@@ -6,6 +6,7 @@ version of the graph (SPEC section 5, invariant 6).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -26,6 +27,36 @@ def chunk_bytes(graph: Graph, chunks: BitMap) -> int:
             f"SELECT COALESCE(SUM(raw_len), 0) FROM chunks WHERE id IN ({marks})", part
         ).fetchone()[0]
     return total
+
+
+def dumps(doc: dict) -> str:
+    """The stats document as JSON text for people and programs: one line per snapshot,
+    draft or volume (json.dumps(indent=2) runs Python's pure-Python encoder: 150 ms for
+    the 10,000 snapshots of issue 3; this uses the C encoder for every line)."""
+    enc = json.JSONEncoder(separators=(", ", ": ")).encode
+    out = ["{"]
+    last = len(doc) - 1
+    for i, (key, value) in enumerate(doc.items()):
+        comma = "," if i < last else ""
+        if isinstance(value, list) and value:
+            body = ",\n".join("    " + enc(x) for x in value)
+            out.append(f"  {enc(key)}: [\n{body}\n  ]{comma}")
+        elif isinstance(value, dict) and value:
+            body = ",\n".join(f"    {enc(k)}: {enc(v)}" for k, v in value.items())
+            out.append(f"  {enc(key)}: {{\n{body}\n  }}{comma}")
+        else:
+            out.append(f"  {enc(key)}: {enc(value)}{comma}")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _created(v) -> str:
+    """The creation time as text, kept on the vertex (it never changes; strftime for
+    every vertex on every read was 15 ms at 10,000 snapshots)."""
+    text = v.__dict__.get("_created_text")
+    if text is None:
+        text = v._created_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v.created))
+    return text
 
 
 def compute(graph: Graph, chunk_size: int, packs_dir: str | None = None) -> dict:
@@ -57,12 +88,13 @@ def compute(graph: Graph, chunk_size: int, packs_dir: str | None = None) -> dict
             "referenced": draft.referenced,
         }
     per_snapshot = []
+    names = {v.id: v.name for v in snapshots}
     for v in sorted(snapshots, key=lambda v: v.id):
         per_snapshot.append({
-            "name": v.name, "id": v.id,
-            "parent": graph.vertices[v.parent].name if v.parent else None,
+            "name": names[v.id], "id": v.id,
+            "parent": names.get(v.parent) if v.parent else None,
             "parent_id": v.parent,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v.created)),
+            "created": _created(v),
             "delta": v.delta, "referenced": v.referenced,
             "exclusive": accounting.exclusive(graph, v, shared),
         })

@@ -30,19 +30,25 @@ is the nearest ancestor-or-self of v (see vfs/view.py).
 
 Concurrency contract: one Connection, used only from the trio thread of the daemon (or
 the one thread of a CLI command). Statements are short index lookups; a transaction is
-kept open and committed in groups (group commit) by Catalog.commit(). Checkpoints run on
-a second connection in a worker thread (Catalog.checkpoint), never on the trio thread.
+kept open and committed in groups (group commit) by Catalog.commit(). Checkpoints copy
+the bulk of the WAL on a second connection in a worker thread (Catalog.checkpoint), and
+the few frames committed meanwhile on this connection right after a commit
+(Catalog.finish_checkpoint), which is what lets SQLite reuse the WAL from its start.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import time
 
 from snapfs.errors import FormatError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+JOURNAL_SIZE_LIMIT = 16 << 20
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -133,8 +139,10 @@ class Catalog:
             # durability for fsync() and snapshot commits comes from sync_wal().
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA wal_autocheckpoint=0")
-            # after each checkpoint the WAL file is cut back (it otherwise keeps its peak)
-            self.db.execute("PRAGMA journal_size_limit=67108864")
+            # when the WAL restarts after a checkpoint its file is cut back to this (it
+            # otherwise keeps its peak); the daemon checkpoints when the file grows past
+            # it (vfs/fs.py), i.e. when its content does
+            self.db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             self.db.execute("PRAGMA cache_size=-65536")
             self.db.execute("PRAGMA temp_store=MEMORY")
             if not readonly:
@@ -143,6 +151,7 @@ class Catalog:
         except sqlite3.DatabaseError as e:
             raise FormatError(f"catalog {path} cannot be read ({e}); run `snapfs fsck`")
         self._in_tx = False
+        self._finish_checkpoint = False
         self.last_commit = time.monotonic()
 
     def _check_format(self, existed: bool) -> None:
@@ -177,6 +186,12 @@ class Catalog:
             self.db.execute("COMMIT")
             self._in_tx = False
         self.last_commit = time.monotonic()
+        if self._finish_checkpoint:
+            try:
+                self.finish_checkpoint()
+            except sqlite3.Error as e:  # the commit above stands; the next round retries
+                self._finish_checkpoint = False
+                log.warning("finishing a WAL checkpoint failed: %s", e)
 
     def rollback(self) -> None:
         if self._in_tx:
@@ -198,13 +213,46 @@ class Catalog:
             finally:
                 os.close(fd)
 
-    def checkpoint(self) -> None:
-        """Copy the WAL back into the database; runs on its own connection (any thread)."""
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Copy the WAL back into the database; runs on its own connection (any thread).
+
+        Returns SQLite's (busy, frames in the WAL, frames checkpointed). This alone never
+        lets the WAL shrink while writes go on: SQLite starts writing the WAL from its
+        beginning again only when a write transaction *begins* after a checkpoint that
+        copied every frame, and the daemon's connection has usually begun its next group
+        transaction by the time a worker thread's checkpoint ends, whose frames the next
+        checkpoint finds again (the WAL grew to 979 MB over 10,000 commits). So call
+        request_restart() after it: see finish_checkpoint.
+        """
         con = sqlite3.connect(self.path, isolation_level=None)
         try:
-            con.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            return tuple(con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
         finally:
             con.close()
+
+    def request_restart(self) -> None:
+        """Finish the checkpoint at the next commit (see finish_checkpoint)."""
+        self._finish_checkpoint = True
+
+    def finish_checkpoint(self) -> tuple[int, int, int] | None:
+        """Between two transactions of this connection: copy the frames committed since
+        the worker thread's checkpoint (few: that one did the bulk), so that the next write
+        transaction begins with the whole WAL in the database and SQLite restarts the WAL
+        from its beginning (journal_size_limit then cuts the file back). PASSIVE never
+        waits for a lock. Crash safety is SQLite's own: the WAL is synced before frames are
+        copied and the database is synced before the WAL is reused. The cost on the
+        calling (trio) thread is that small copy and those two syncs, once per checkpoint.
+        """
+        if self._in_tx or self.readonly:
+            return None
+        self._finish_checkpoint = False
+        return tuple(self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone())
+
+    def wal_bytes(self) -> int:
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except FileNotFoundError:
+            return 0
 
     # -- small helpers -------------------------------------------------------------------
     def meta_get(self, key: str, default=None):

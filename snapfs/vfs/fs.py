@@ -20,12 +20,17 @@ from snapfs.errors import FsError, NotFound, Refused
 from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
+from snapfs.store.catalog import JOURNAL_SIZE_LIMIT
 from snapfs.store.gc import Collector
 from snapfs.vfs.view import BufferPool, Inode, View, store_buffers
 
 log = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = 1 << 46  # 64 TiB
+# A checkpoint starts when the WAL file grows past the size it is cut back to after a
+# restart (so: when its content does), and every checkpoint_every seconds. Continuous
+# commits append about 100 KB each: with only a 30 s timer the WAL reached hundreds of MB.
+CHECKPOINT_BYTES = JOURNAL_SIZE_LIMIT
 
 
 class Filesystem:
@@ -53,6 +58,9 @@ class Filesystem:
         self.extra_stats: dict[str, Callable[[], dict]] = {}
         self.collector = Collector(self.cat, repo.packs, self.chunks)
         self.gc_requested = False  # set after deletions: the next background pass collects
+        self.checkpoint_bytes = CHECKPOINT_BYTES
+        self._checkpoint_wanted = trio.Event()
+        self.checkpoints = 0
         if clean_orphans:
             self._clean_orphans()
 
@@ -164,6 +172,8 @@ class Filesystem:
         else:
             packs.sync()
         self.cat.commit()  # no await between the check above and this commit
+        if self.cat.wal_bytes() > self.checkpoint_bytes:
+            self._checkpoint_wanted.set()
         if durable:
             await trio.to_thread.run_sync(self.cat.sync_wal)
 
@@ -173,17 +183,46 @@ class Filesystem:
         self.flush_inodes()
         await self.commit_catalog(durable=False)
 
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database and let SQLite reuse it from its start.
+
+        The bulk is copied by a worker thread on a second connection while requests go
+        on; a second pass copies what was committed during the first; the last few
+        frames are copied on the trio thread right after the next commit
+        (Catalog.finish_checkpoint), so that the write transaction after it restarts the
+        WAL. Without that last step the WAL never shrank under continuous commits.
+        """
+        for _ in range(2):
+            await trio.to_thread.run_sync(self.cat.checkpoint)
+        self.cat.request_restart()
+        self.checkpoints += 1
+
+    async def checkpointer(self, every: float = 30.0) -> None:
+        """Checkpoint when the WAL passes checkpoint_bytes (signalled by commits), or on a
+        timer so that an idle repository's WAL is copied back too."""
+        while True:
+            with trio.move_on_after(every):
+                await self._checkpoint_wanted.wait()
+            self._checkpoint_wanted = trio.Event()
+            try:
+                await self.checkpoint()
+            except Exception:
+                log.exception("WAL checkpoint failed; will retry")
+            await trio.sleep(min(0.05, every))  # the restart happens at the next commit
+
     async def background(self, interval: float = 2.0, checkpoint_every: float = 30.0,
                          gc_every: float = 60.0) -> None:
-        last_checkpoint = last_gc = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.checkpointer, checkpoint_every)
+            await self._background(interval, gc_every)
+
+    async def _background(self, interval: float, gc_every: float) -> None:
+        last_gc = time.monotonic()
         while True:
             await trio.sleep(interval)
             try:
                 await self.group_commit()
                 now = time.monotonic()
-                if now - last_checkpoint > checkpoint_every:
-                    last_checkpoint = now
-                    await trio.to_thread.run_sync(self.cat.checkpoint)
                 if self.gc_requested or now - last_gc > gc_every:
                     last_gc = now
                     self.gc_requested = False
@@ -299,6 +338,10 @@ class Filesystem:
         for key, fn in self.extra_stats.items():
             result[key] = fn()
         return result
+
+    def stats_json(self) -> str:
+        """The text of .snapfs/stats (graph/stats.py dumps: one line per vertex)."""
+        return graph_stats.dumps(self.stats())
 
     def find_view(self, kind: str, name: str) -> View:
         if kind == "volume":

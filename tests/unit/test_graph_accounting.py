@@ -15,6 +15,15 @@ from snapfs.graph.graph import Graph, Vertex
 from snapfs.store.catalog import Catalog
 
 
+@pytest.fixture(autouse=True, params=["index", "union"])
+def outside_path(request, monkeypatch):
+    """reclaim finds the chunks added outside S by the catalog's index or by a union of
+    the other vertices' sets, whichever is cheaper: every test runs both ways."""
+    monkeypatch.setattr(accounting, "INDEX_CHUNKS_PER_VERTEX",
+                        10**9 if request.param == "index" else -1)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def cat(tmp_path_factory):
     c = Catalog(str(tmp_path_factory.mktemp("acct") / "meta.db"))
@@ -27,13 +36,23 @@ def build(cat: Catalog, contents: dict[int, tuple[int | None, set[int]]],
     """A graph whose vertex v has parent contents[v][0] and chunk set C(v) = contents[v][1].
     added/removed/delta/referenced are derived from the sets, as a commit would store them.
     Vertices must be listed parents first."""
-    g = Graph(cat)  # the catalog is empty: only the in-memory graph is used
+    g = Graph(cat)  # the catalog holds no vertices: the graph is built in memory
     for vid, (parent, c) in contents.items():
         pc = contents[parent][1] if parent is not None else set()
         kind = "draft" if vid in drafts else "snapshot"
         v = Vertex(vid, parent, kind, "v", None if vid in drafts else f"s{vid}", 0.0,
                    len(c - pc), len(c), BitMap(c - pc), BitMap(pc - c))
         g._add_vertex(v)
+    return mirror_presence(g)
+
+
+def mirror_presence(g: Graph) -> Graph:
+    """vertex_chunks presence rows mirroring the added/removed sets, as the graph keeps
+    them (reclaim asks the catalog's chunk index which chunks other vertices add)."""
+    g.cat.write("DELETE FROM vertex_chunks")
+    g.cat.writemany("INSERT INTO vertex_chunks VALUES (?,?,?,?)",
+                    [(v.id, c, 1, 1) for v in g.vertices.values() for c in v.added]
+                    + [(v.id, c, -1, -1) for v in g.vertices.values() for c in v.removed])
     return g
 
 
@@ -45,7 +64,7 @@ def build_sets(cat: Catalog, spec: dict[int, tuple[int | None, set[int], set[int
                              BitMap(added), BitMap(removed)))
     for vid in spec:  # referenced = #C(v), as the graph keeps it
         g.vertices[vid].referenced = len(accounting.contents(g, vid))
-    return g
+    return mirror_presence(g)
 
 
 class Oracle:
