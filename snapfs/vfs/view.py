@@ -854,6 +854,18 @@ class View:
                 await self.flush_blocks(node, idxs[i:i + batch])
 
 
+def _payload(data: bytearray, n: int) -> bytes:
+    """data[:n] without its trailing zeros, as bytes, with one copy (slicing a bytearray
+    copies, and so does bytes() of the slice). Whole zero pages at the end are skipped
+    before copying; the rest is stripped only when the last byte is a zero."""
+    with memoryview(data) as mv:
+        if n and not data[n - 1]:
+            while n >= 4096 and data.count(0, n - 4096, n) == 4096:
+                n -= 4096
+            return bytes(mv[:n]).rstrip(b"\0")
+        return bytes(mv[:n])
+
+
 async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     """Store a batch of dirty buffers, of any inodes and views, with one put_many.
 
@@ -868,7 +880,7 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
             continue
         cs = view.chunk_size
         valid = min(cs, max(0, node.size - idx * cs))
-        payload = bytes(buf.data[:min(valid, buf.length)]).rstrip(b"\0")
+        payload = _payload(buf.data, min(valid, buf.length))
         work.append((view, node, idx, buf, buf.gen, payload))
     stored = [w[5] for w in work if w[5]]
     ids = await chunks.put_many(stored) if stored else []
