@@ -49,6 +49,7 @@ class DirtyChunk:
     data: bytearray
     length: int = 0
     gen: int = 0
+    born: float = 0.0  # time.monotonic() when it became dirty: write-back stores oldest first
 
 
 class BufferPool:
@@ -62,13 +63,18 @@ class BufferPool:
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
         self.keep = keep
+        self.out = 0  # buffers taken and not given back: the dirty chunks, counted cheaply
         self._free: list[bytearray] = []
 
     def take(self) -> bytearray:
+        self.out += 1
         return self._free.pop() if self._free else bytearray(self.size)
 
     def give(self, buf: DirtyChunk | None) -> None:
-        if buf is not None and len(self._free) < self.keep and len(buf.data) == self.size:
+        if buf is None:
+            return
+        self.out -= 1
+        if len(self._free) < self.keep and len(buf.data) == self.size:
             self._free.append(buf.data)
 
 
@@ -778,7 +784,7 @@ class View:
             length = len(data)
         else:
             content, length = self.fs.pool.take(), 0
-        buf = node.buffers[idx] = DirtyChunk(content, length)
+        buf = node.buffers[idx] = DirtyChunk(content, length, 0, time.monotonic())
         node.allocated = None
         self.fs.note_dirty(self, node, idx)
         return buf
@@ -816,11 +822,13 @@ class View:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def write(self, node: Inode, offset: int, data: bytes) -> int:
-        if offset + len(data) > self.fs.max_file_size:
+        n = len(data)
+        end = offset + n
+        if end > self.fs.max_file_size:
             raise FsError(errno.EFBIG)
         cs = self.chunk_size
         view = memoryview(data)
-        pos, end = offset, offset + len(data)
+        pos = offset
         while pos < end:
             idx, start = divmod(pos, cs)
             stop = min(cs, end - idx * cs)
@@ -835,10 +843,8 @@ class View:
             pos = idx * cs + stop
         if end > node.size:
             node.size = end
-        now = time.time_ns()
-        node.mtime_ns = node.ctime_ns = now
+        node.mtime_ns = node.ctime_ns = time.time_ns()
         self._mark_dirty(node)
-        self.fs.note_written(len(data))
         return len(data)
 
     async def flush_blocks(self, node: Inode, idxs: list[int]) -> None:

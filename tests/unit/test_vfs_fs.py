@@ -3,7 +3,9 @@ persistence and durability ordering (snapfs/vfs/fs.py over snapfs/vfs/view.py)."
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 
 import pytest
 from unithelpers import CHUNK as CS
@@ -300,6 +302,109 @@ async def test_throttle_keeps_dirty_memory_under_the_limit(fs, view):
         await fs.throttle()
         assert fs.dirty_bytes() <= fs.dirty_limit + CS
     assert await read_all(view, f) == b"".join(pattern(CS, seed=i) for i in range(20))
+
+
+def _pack_bytes(fs) -> int:
+    d = fs.repo.paths.packs
+    return sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d))
+
+
+@trio_test
+async def test_open_file_stays_dirty_across_group_commits_until_it_expires(fs, view):
+    f = mkfile(view, b"f")
+    f.opens += 1
+    expected = bytearray(pattern(3 * CS, seed=1))
+    await view.write(f, 0, bytes(expected))
+    await fs.group_commit()
+    before = _pack_bytes(fs)
+    for i in range(5):  # rewrites of dirty chunks: nothing is stored again and again
+        await view.write(f, CS + 7 * i, b"x")
+        expected[CS + 7 * i] = ord("x")
+        await fs.group_commit()
+    assert sorted(f.buffers) == [0, 1, 2]
+    assert _pack_bytes(fs) == before
+    await fs.write_back(now=time.monotonic() + fs.dirty_expire - 1)
+    assert sorted(f.buffers) == [0, 1, 2]
+    await fs.write_back(now=time.monotonic() + fs.dirty_expire + 1)
+    assert not f.buffers and not fs._dirty
+    assert _pack_bytes(fs) > before
+    assert await read_all(view, f) == expected
+
+
+@trio_test
+async def test_group_commit_stores_the_data_of_closed_files(fs, view):
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(CS + 5, seed=2))
+    await fs.group_commit()
+    assert f.buffers
+    f.opens -= 1  # closed (release)
+    await fs.group_commit()
+    assert not f.buffers and not fs._dirty
+    assert view.block(f, 0) and view.block(f, 1)
+    assert await read_all(view, f) == pattern(CS + 5, seed=2)
+
+
+@trio_test
+async def test_dirty_data_beyond_the_limit_is_stored_oldest_first(fs, view):
+    fs.dirty_limit = 4 * CS
+    f = mkfile(view, b"f")
+    f.opens += 1
+    order = [3, 0, 2, 1]
+    for k, idx in enumerate(order):
+        await view.write(f, idx * CS, pattern(CS, seed=idx))
+        f.buffers[idx].born = 1000.0 + k  # first dirtied in this order
+        await fs.throttle()
+    assert sorted(f.buffers) == [0, 1, 2, 3]  # at the limit, not beyond: nothing stored
+    await view.write(f, 4 * CS, pattern(CS, seed=4))
+    await fs.throttle()
+    # 1 chunk over the limit plus an eighth of it: the two oldest, 3 and 0, are stored
+    assert sorted(f.buffers) == [1, 2, 4]
+    assert view.block(f, 3) and view.block(f, 0) and not view.block(f, 1)
+    assert await read_all(view, f) == b"".join(pattern(CS, seed=i) for i in range(5))
+
+
+@trio_test
+async def test_random_writes_to_an_open_file_respect_the_memory_bound(fs, view):
+    import random
+
+    fs.dirty_limit = 8 * CS
+    f = mkfile(view, b"f")
+    f.opens += 1
+    rng = random.Random(5)
+    expected = bytearray(40 * CS)
+    for _ in range(400):
+        off = rng.randrange(0, 40 * CS - 100)
+        piece = rng.randbytes(rng.randrange(1, 2 * CS))[: 40 * CS - off]
+        await view.write(f, off, piece)
+        expected[off:off + len(piece)] = piece
+        await fs.throttle()
+        assert fs.dirty_bytes() <= fs.dirty_limit + 2 * CS
+    assert await read_all(view, f) == expected[:f.size]
+    await fs.sync(view, f)
+    assert not f.buffers
+    assert await read_all(view, f) == expected[:f.size]
+
+
+@trio_test
+async def test_commit_and_fsync_capture_data_kept_dirty_in_memory(fs, view):
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(2 * CS, seed=7))
+    await fs.group_commit()
+    assert f.buffers  # still only in memory
+    await fs.commit(view, "s1")
+    assert not f.buffers
+    assert await read_path(fs.snapshot_view("v@s1"), b"f") == pattern(2 * CS, seed=7)
+    await view.write(f, 3, b"after")
+    await fs.group_commit()
+    assert f.buffers
+    await fs.sync(view, f)
+    assert not f.buffers
+    fs2 = await reopen(fs)
+    want = bytearray(pattern(2 * CS, seed=7))
+    want[3:8] = b"after"
+    assert await read_path(fs2.volume_view("v"), b"f") == want
 
 
 @trio_test
