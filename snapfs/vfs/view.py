@@ -30,6 +30,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Timestamps come from the coarse clock (the kernel's tick), as a local filesystem's do.
+# With the writeback cache the kernel stamps mtime itself from that clock on write; a
+# finer mtime from us differs from it and costs a SETATTR per written file.
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", time.CLOCK_REALTIME)
+
+
+def now_ns() -> int:
+    return time.clock_gettime_ns(_COARSE)
+
 NAME_MAX = 255
 WINDOW = 1024  # blocks resolved per catalog query
 RENAME_NOREPLACE = 1
@@ -266,7 +275,7 @@ class View:
         node.dirty = False
 
     def _touch(self, node: Inode, *, mtime: bool = True, now: int | None = None) -> None:
-        now = now or time.time_ns()
+        now = now or now_ns()
         node.ctime_ns = now
         if mtime:
             node.mtime_ns = now
@@ -292,7 +301,7 @@ class View:
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        now = time.time_ns()
+        now = now_ns()
         size = len(target) if target is not None else 0
         node = Inode(self.graph.alloc_ino(), mode, 2 if stat.S_ISDIR(mode) else 1, uid, gid,
                      size, now, now, now, rdev, target)
@@ -557,7 +566,7 @@ class View:
                 delta = 1 if node.is_dir else -1
                 dst_dir.nlink += delta
                 src_dir.nlink -= delta
-            now = time.time_ns()
+            now = now_ns()
             for n in (node, other):
                 self._touch(n, mtime=False, now=now)
                 self._save(n)
@@ -575,7 +584,7 @@ class View:
                 raise FsError(errno.ENOTEMPTY)
         self._del_entry(src_dir, old_name)
         self._set_entry(dst_dir, new_name, node.ino)
-        now = time.time_ns()
+        now = now_ns()
         if node.is_dir and old_parent != new_parent:
             src_dir.nlink -= 1
             dst_dir.nlink += 1
@@ -617,7 +626,7 @@ class View:
             node.atime_ns = atime_ns
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
-        node.ctime_ns = ctime_ns if ctime_ns is not None else time.time_ns()
+        node.ctime_ns = ctime_ns if ctime_ns is not None else now_ns()
         self._save(node)
         return node
 
@@ -827,6 +836,21 @@ class View:
         if end > self.fs.max_file_size:
             raise FsError(errno.EFBIG)
         cs = self.chunk_size
+        idx, start = divmod(offset, cs)
+        buf = node.buffers.get(idx)
+        if buf is not None and start <= buf.length and start + n <= cs:
+            # fast path: inside one chunk that is already dirty, no gap before it
+            stop = start + n
+            buf.data[start:stop] = data
+            if stop > buf.length:
+                buf.length = stop
+            buf.gen += 1
+            if end > node.size:
+                node.size = end
+            node.mtime_ns = node.ctime_ns = now_ns()
+            if not node.dirty:
+                self._mark_dirty(node)
+            return n
         view = memoryview(data)
         pos = offset
         while pos < end:
@@ -843,7 +867,7 @@ class View:
             pos = idx * cs + stop
         if end > node.size:
             node.size = end
-        node.mtime_ns = node.ctime_ns = time.time_ns()
+        node.mtime_ns = node.ctime_ns = now_ns()
         self._mark_dirty(node)
         return len(data)
 
