@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 # Timestamps come from the coarse clock (the kernel's tick), as a local filesystem's do.
 # With the writeback cache the kernel stamps mtime itself from that clock on write; a
 # finer mtime from us differs from it and costs a SETATTR per written file.
-_COARSE = getattr(time, "CLOCK_REALTIME_COARSE", time.CLOCK_REALTIME)
+# Python's time module does not name it: on Linux it is clock id 5.
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE",
+                  5 if sys.platform.startswith("linux") else time.CLOCK_REALTIME)
 
 
 def now_ns() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import tempfile
 
 import pytest
@@ -688,3 +689,13 @@ def test_payload_is_the_valid_part_without_trailing_zeros(n, zeros):
     data[max(0, n - zeros):n] = bytes(min(n, zeros))
     got = _payload(data, n)
     assert type(got) is bytes and got == bytes(data[:n]).rstrip(b"\0")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux clock ids")
+def test_timestamps_come_from_the_coarse_clock_like_the_kernels():
+    import time
+
+    from snapfs.vfs import view as view_mod
+
+    assert time.clock_getres(view_mod._COARSE) >= 1e-4  # a tick, not nanoseconds
+    assert abs(view_mod.now_ns() - time.time_ns()) < 1e9
