@@ -12,7 +12,11 @@ written many times (random writes) is hashed and appended to a pack once, not at
 group commit. The background pass (every 2 s) stores the dirty chunks of files nobody
 has open and chunks first dirtied more than dirty_expire seconds ago (like the kernel's
 dirty_expire); a writer that takes the dirty total past dirty_limit stores the oldest
-chunks first. fsync, commit and unmount store everything they cover. A crash loses at
+chunks first. A chunk that a sequential writer filled from start to end will not be
+written again soon: such chunks are stored in the background as soon as a batch of
+them is complete, so that a long sequential write overlaps its hashing and pack
+appends with the writing and reuses pooled buffers. fsync, commit and unmount store
+everything they cover. A crash loses at
 most what was not fsynced or committed; the catalog never references unstored data.
 """
 
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_FILE_SIZE = 1 << 46  # 64 TiB
 DIRTY_EXPIRE = 30.0  # seconds a chunk may stay dirty in memory (background pass)
+COMPLETE_BATCH = 32  # complete chunks (4 MiB by default) that wake the background store
 
 
 def default_dirty_limit() -> int:
@@ -69,6 +74,9 @@ class Filesystem:
         self._dirty: dict[tuple[int, int], tuple[View, Inode]] = {}
         self._sync_lock = trio.Lock()
         self._throttle_lock = trio.Lock()
+        self._complete: list[tuple[View, Inode, int]] = []  # filled by sequential writers
+        self._complete_wake = trio.Event()
+        self._complete_worker_running = False  # without it (tests, CLI) nothing is queued
         # Called with a View whose content changed without the kernel's knowledge.
         self.on_view_changed: Callable[[View], None] = lambda view: None
         # Extra sections for the stats document, e.g. the daemon's event-loop figures.
@@ -128,6 +136,31 @@ class Filesystem:
     def note_dirty(self, view: View, node: Inode, idx: int) -> None:
         self._dirty[(id(view), node.ino)] = (view, node)
 
+    def note_complete(self, view: View, node: Inode, idx: int) -> None:
+        """A sequential writer has just filled chunk idx: store it soon, in a batch."""
+        if self._complete_worker_running:
+            self._complete.append((view, node, idx))
+            if len(self._complete) >= COMPLETE_BATCH:
+                self._complete_wake.set()
+
+    async def store_complete(self) -> None:
+        items, self._complete = self._complete, []
+        await self._store([(v, node, idx) for v, node, idx in items if idx in node.buffers])
+
+    async def _complete_worker(self) -> None:
+        self._complete_worker_running = True
+        try:
+            while True:
+                await self._complete_wake.wait()
+                self._complete_wake = trio.Event()
+                try:
+                    await self.store_complete()
+                except Exception:
+                    log.exception("storing complete chunks failed; the write-back will retry")
+        finally:
+            self._complete_worker_running = False
+            self._complete.clear()
+
     def dirty_bytes(self) -> int:
         return sum(len(n.buffers) for _, n in self._dirty.values()) * self.chunk_size
 
@@ -164,9 +197,11 @@ class Filesystem:
         """Background: store closed files' data and chunks dirty for longer than
         dirty_expire; an open file's recent chunks stay in memory."""
         old = (time.monotonic() if now is None else now) - self.dirty_expire
+        cs = self.chunk_size
+        self._complete.clear()  # stored here
         items = [(v, node, idx) for v, node in list(self._dirty.values())
-                 for idx in sorted(node.buffers)
-                 if not node.opens or node.buffers[idx].born <= old]
+                 for idx, buf in sorted(node.buffers.items())
+                 if not node.opens or buf.born <= old or (buf.seq and buf.length == cs)]
         await self._store(items)
 
     async def _store(self, items: list, batch: int = 64) -> None:
@@ -232,6 +267,12 @@ class Filesystem:
 
     async def background(self, interval: float = 2.0, checkpoint_every: float = 30.0,
                          gc_every: float = 60.0) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._complete_worker)
+            await self._background(interval, checkpoint_every, gc_every)
+
+    async def _background(self, interval: float, checkpoint_every: float,
+                          gc_every: float) -> None:
         last_checkpoint = last_gc = time.monotonic()
         while True:
             await trio.sleep(interval)

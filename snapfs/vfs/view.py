@@ -62,6 +62,7 @@ class DirtyChunk:
     length: int = 0
     gen: int = 0
     born: float = 0.0  # time.monotonic() when it became dirty: write-back stores oldest first
+    seq: bool = False  # written from empty by appends only, so far: a sequential writer's
 
 
 class BufferPool:
@@ -796,7 +797,7 @@ class View:
             length = len(data)
         else:
             content, length = self.fs.pool.take(), 0
-        buf = node.buffers[idx] = DirtyChunk(content, length, 0, time.monotonic())
+        buf = node.buffers[idx] = DirtyChunk(content, length, 0, time.monotonic(), length == 0)
         node.allocated = None
         self.fs.note_dirty(self, node, idx)
         return buf
@@ -845,6 +846,11 @@ class View:
             # fast path: inside one chunk that is already dirty, no gap before it
             stop = start + n
             buf.data[start:stop] = data
+            if buf.seq:
+                if start != buf.length:
+                    buf.seq = False
+                elif stop == cs:
+                    self.fs.note_complete(self, node, idx)
             if stop > buf.length:
                 buf.length = stop
             buf.gen += 1
@@ -861,9 +867,13 @@ class View:
             stop = min(cs, end - idx * cs)
             whole = start == 0 and (stop == cs or idx * cs >= node.size)
             buf = await self.buffer(node, idx, whole=whole)
+            if buf.seq and start != buf.length:
+                buf.seq = False
             if buf.length < start:  # a gap inside the chunk reads as zeros
                 buf.data[buf.length:start] = bytes(start - buf.length)
             buf.data[start:stop] = view[pos - offset: pos - offset + stop - start]
+            if buf.seq and stop == cs:
+                self.fs.note_complete(self, node, idx)
             if stop > buf.length:
                 buf.length = stop
             buf.gen += 1

@@ -315,11 +315,12 @@ async def test_open_file_stays_dirty_across_group_commits_until_it_expires(fs, v
     f.opens += 1
     expected = bytearray(pattern(3 * CS, seed=1))
     await view.write(f, 0, bytes(expected))
-    await fs.group_commit()
+    await fs.sync(view, f)
     before = _pack_bytes(fs)
-    for i in range(5):  # rewrites of dirty chunks: nothing is stored again and again
-        await view.write(f, CS + 7 * i, b"x")
-        expected[CS + 7 * i] = ord("x")
+    for i in range(15):  # rewrites of dirty chunks: nothing is stored again and again
+        off = (i % 3) * CS + 7 * i
+        await view.write(f, off, b"x")
+        expected[off] = ord("x")
         await fs.group_commit()
     assert sorted(f.buffers) == [0, 1, 2]
     assert _pack_bytes(fs) == before
@@ -387,22 +388,57 @@ async def test_random_writes_to_an_open_file_respect_the_memory_bound(fs, view):
 
 
 @trio_test
+async def test_chunks_filled_by_a_sequential_writer_are_stored_in_the_background(fs, view):
+    import trio
+    import trio.testing
+
+    from snapfs.vfs.fs import COMPLETE_BATCH
+
+    f = mkfile(view, b"f")
+    f.opens += 1
+    g = mkfile(view, b"g")  # written out of order: nothing to queue
+    g.opens += 1
+    n = COMPLETE_BATCH + 3
+    content = pattern(n * CS + 100, seed=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs._complete_worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fs._complete_worker_running
+        for off in range(CS // 2, n * CS, CS):  # g: second halves first, then first halves
+            await view.write(g, off, content[off:off + CS // 2])
+        for off in range(0, n * CS, CS):
+            await view.write(g, off, content[off:off + CS // 2])
+        for off in range(0, len(content), 1000):  # f: small appends, across chunk ends
+            await view.write(f, off, content[off:off + 1000])
+        for _ in range(200):
+            if len(f.buffers) <= n + 1 - COMPLETE_BATCH:
+                break
+            await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert len(f.buffers) <= n + 1 - COMPLETE_BATCH and n in f.buffers  # the tail stays
+    assert len(g.buffers) == n
+    assert await read_all(view, f) == content
+    await fs.write_back()  # the rest of f's complete chunks, not g's (open, young)
+    assert sorted(f.buffers) == [n] and len(g.buffers) == n
+
+
+@trio_test
 async def test_commit_and_fsync_capture_data_kept_dirty_in_memory(fs, view):
     f = mkfile(view, b"f")
     f.opens += 1
-    await view.write(f, 0, pattern(2 * CS, seed=7))
+    await view.write(f, 0, pattern(2 * CS - 10, seed=7))
     await fs.group_commit()
-    assert f.buffers  # still only in memory
+    assert sorted(f.buffers) == [1]  # chunk 0 was complete: stored; chunk 1 only in memory
     await fs.commit(view, "s1")
     assert not f.buffers
-    assert await read_path(fs.snapshot_view("v@s1"), b"f") == pattern(2 * CS, seed=7)
+    assert await read_path(fs.snapshot_view("v@s1"), b"f") == pattern(2 * CS - 10, seed=7)
     await view.write(f, 3, b"after")
     await fs.group_commit()
     assert f.buffers
     await fs.sync(view, f)
     assert not f.buffers
     fs2 = await reopen(fs)
-    want = bytearray(pattern(2 * CS, seed=7))
+    want = bytearray(pattern(2 * CS - 10, seed=7))
     want[3:8] = b"after"
     assert await read_path(fs2.volume_view("v"), b"f") == want
 
