@@ -63,6 +63,7 @@ class DirtyChunk:
     gen: int = 0
     born: float = 0.0  # time.monotonic() when it became dirty: write-back stores oldest first
     seq: bool = False  # written from empty by appends only, so far: a sequential writer's
+    frozen: int = 0  # stores reading data right now: a write must thaw (copy) it first
 
 
 class BufferPool:
@@ -83,11 +84,16 @@ class BufferPool:
         self.out += 1
         return self._free.pop() if self._free else bytearray(self.size)
 
+    def fresh(self) -> bytearray:
+        """A buffer for thawing a frozen chunk (not counted: the chunk was counted)."""
+        return self._free.pop() if self._free else bytearray(self.size)
+
     def give(self, buf: DirtyChunk | None) -> None:
         if buf is None:
             return
         self.out -= 1
-        if len(self._free) < self.keep and len(buf.data) == self.size:
+        if (not buf.frozen and len(self._free) < self.keep
+                and len(buf.data) == self.size):
             self._free.append(buf.data)
 
 
@@ -802,6 +808,15 @@ class View:
         self.fs.note_dirty(self, node, idx)
         return buf
 
+    def _thaw(self, buf: DirtyChunk) -> None:
+        """A store is hashing and appending buf.data itself (no copy): write into a copy.
+        The old bytearray is left to the store(s) and then to the garbage collector."""
+        data = self.fs.pool.fresh()
+        with memoryview(buf.data) as old:
+            data[:buf.length] = old[:buf.length]
+        buf.data = data
+        buf.frozen = 0
+
     def drop_buffers(self, node: Inode) -> None:
         """Discard a node's unstored data (deleted, or nobody can read it again)."""
         for buf in node.buffers.values():
@@ -844,6 +859,8 @@ class View:
         buf = node.buffers.get(idx)
         if buf is not None and start <= buf.length and start + n <= cs:
             # fast path: inside one chunk that is already dirty, no gap before it
+            if buf.frozen:
+                self._thaw(buf)
             stop = start + n
             buf.data[start:stop] = data
             if buf.seq:
@@ -867,6 +884,8 @@ class View:
             stop = min(cs, end - idx * cs)
             whole = start == 0 and (stop == cs or idx * cs >= node.size)
             buf = await self.buffer(node, idx, whole=whole)
+            if buf.frozen:
+                self._thaw(buf)
             if buf.seq and start != buf.length:
                 buf.seq = False
             if buf.length < start:  # a gap inside the chunk reads as zeros
@@ -897,16 +916,16 @@ class View:
                 await self.flush_blocks(node, idxs[i:i + batch])
 
 
-def _payload(data: bytearray, n: int) -> bytes:
-    """data[:n] without its trailing zeros, as bytes, with one copy (slicing a bytearray
-    copies, and so does bytes() of the slice). Whole zero pages at the end are skipped
-    before copying; the rest is stripped only when the last byte is a zero."""
+def _payload_len(data: bytearray, n: int) -> int:
+    """The length of data[:n] without its trailing zeros, without copying the chunk:
+    whole zero pages at the end are skipped, then the last page is stripped."""
+    if not n or data[n - 1]:
+        return n
+    while n >= 4096 and data.count(0, n - 4096, n) == 4096:
+        n -= 4096
+    start = max(0, n - 4096)
     with memoryview(data) as mv:
-        if n and not data[n - 1]:
-            while n >= 4096 and data.count(0, n - 4096, n) == 4096:
-                n -= 4096
-            return bytes(mv[:n]).rstrip(b"\0")
-        return bytes(mv[:n])
+        return start + len(bytes(mv[start:n]).rstrip(b"\0"))
 
 
 async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
@@ -916,21 +935,34 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     pack write serve them all. A buffer written again while it was being stored stays
     dirty; one truncated away or deleted meanwhile is dropped.
     """
+    # The payloads are views of the buffers themselves, not copies: each buffer is
+    # frozen while the store reads it, and a write into a frozen buffer thaws it first
+    # (View._thaw), so what is hashed is exactly what is appended.
     work = []
     for view, node, idx in items:
         buf = node.buffers.get(idx)
-        if buf is None:
+        if buf is None or any(w[3] is buf for w in work):
             continue
         cs = view.chunk_size
         valid = min(cs, max(0, node.size - idx * cs))
-        payload = _payload(buf.data, min(valid, buf.length))
-        work.append((view, node, idx, buf, buf.gen, payload))
-    stored = [w[5] for w in work if w[5]]
-    ids = await chunks.put_many(stored) if stored else []
+        n = _payload_len(buf.data, min(valid, buf.length))
+        buf.frozen += 1
+        payload = memoryview(buf.data)[:n] if n else None
+        work.append((view, node, idx, buf, buf.gen, payload, buf.data))
+    stored = [w[5] for w in work if w[5] is not None]
+    ids: list[int] = []
+    try:
+        ids = await chunks.put_many(stored) if stored else []
+    finally:
+        for w in work:
+            if w[5] is not None:
+                w[5].release()
+            if w[3].data is w[6]:  # not thawed meanwhile
+                w[3].frozen -= 1
     try:
         it = iter(ids)
-        for view, node, idx, buf, gen, payload in work:
-            chunk = next(it) if payload else 0
+        for view, node, idx, buf, gen, payload, _data in work:
+            chunk = next(it) if payload is not None else 0
             if node.buffers.get(idx) is not buf or node.deleted or view.dropped:
                 continue
             view.set_block(node, idx, chunk)

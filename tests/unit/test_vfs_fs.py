@@ -708,3 +708,60 @@ async def test_fsck_is_clean_after_deleting_the_snapshot_that_held_a_deleted_fil
     assert res["freed_chunks"] == 2
     assert names(fs.snapshot_view("v@s2")) == [b"g"]
     assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_write_during_a_store_thaws_the_buffer_and_the_chunk_stays_exact(fs, view,
+                                                                                repo_path):
+    from snapfs.vfs.view import store_buffers
+
+    f = mkfile(view, b"f")
+    f.opens += 1
+    original = pattern(CS, seed=1)
+    await view.write(f, 0, original)
+    frozen_data = f.buffers[0].data
+    real = fs.chunks.put_many
+
+    async def racing(payloads):  # a write arrives while the store reads the buffer
+        assert f.buffers[0].frozen == 1
+        await view.write(f, 10, b"RACE")
+        await view.write(f, CS - 2, b"ZZ")
+        return await real(payloads)
+
+    fs.chunks.put_many = racing
+    await store_buffers(fs.chunks, [(view, f, 0)])
+    fs.chunks.put_many = real
+    chunk = view.block(f, 0)
+    assert chunk and fs.chunks.get_sync(chunk) == original  # what was hashed was appended
+    digest = fs.cat.execute("SELECT hash FROM chunks WHERE id=?", (chunk,)).fetchone()[0]
+    assert digest == fs.chunks.identity(original)
+    assert frozen_data == original and f.buffers[0].data is not frozen_data
+    assert f.buffers[0].frozen == 0
+    want = original[:10] + b"RACE" + original[14:CS - 2] + b"ZZ"
+    assert await read_all(view, f) == want
+    await fs.sync(view, f)
+    assert not f.buffers and await read_all(view, f) == want
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_buffer_dropped_during_its_store_is_not_reused_meanwhile(fs, view):
+    from snapfs.vfs.view import store_buffers
+
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(CS, seed=2))
+    data = f.buffers[0].data
+    real = fs.chunks.put_many
+
+    async def racing(payloads):
+        await view.truncate(f, 0)  # drops the buffer while the store reads it
+        assert all(d is not data for d in fs.pool._free)
+        g = mkfile(view, b"g")
+        await view.write(g, 0, pattern(CS, seed=3))  # takes a pooled buffer: not that one
+        return await real(payloads)
+
+    fs.chunks.put_many = racing
+    await store_buffers(fs.chunks, [(view, f, 0)])
+    fs.chunks.put_many = real
+    assert data == pattern(CS, seed=2) and not f.buffers and f.size == 0
