@@ -423,7 +423,9 @@ class SnapfsOperations(pyfuse3.Operations):
         if h.view is None:
             raise FsError(errno.EBADF)
         n = await h.view.write(h.node, off, buf)
-        await self.fs.throttle()
+        fs = self.fs
+        if fs.pool.out > fs.dirty_chunks_limit:  # throttle()'s own first check, inline
+            await fs.throttle()
         return n
 
     @handler

@@ -156,7 +156,8 @@ class ChunkManager:
     def _located(self, cid: int, loc: ChunkLocation, payload: bytes) -> None:
         self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
                        (loc.pack, loc.offset, loc.length, cid))
-        self.cache.put(cid, payload)
+        if type(payload) is bytes:  # not a view of a write buffer (store_buffers)
+            self.cache.put(cid, payload)
 
     def _identities(self, payloads: list[bytes]) -> list[bytes]:
         return [self.identity(p) for p in payloads]

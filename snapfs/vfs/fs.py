@@ -5,12 +5,25 @@ Catalog statements are short and run inline; hashing, pack I/O and fsync run in 
 threads. Code between two awaits is atomic with respect to other FUSE handlers, and every
 catalog mutation happens between awaits, so the catalog is always consistent as seen by
 a handler. Dirty data lives in per-inode buffers until a flush stores it as chunks: on
-fsync, on commit, when the dirty total passes a limit, and every few seconds.
+fsync, on commit, at unmount, and by the write-back policy below.
+
+Write-back policy: the data of an open file stays dirty in memory, so that a chunk
+written many times (random writes) is hashed and appended to a pack once, not at every
+group commit. The background pass (every 2 s) stores the dirty chunks of files nobody
+has open and chunks first dirtied more than dirty_expire seconds ago (like the kernel's
+dirty_expire); a writer that takes the dirty total past dirty_limit stores the oldest
+chunks first. A chunk that a sequential writer filled from start to end will not be
+written again soon: such chunks are stored in the background as soon as a batch of
+them is complete, so that a long sequential write overlaps its hashing and pack
+appends with the writing and reuses pooled buffers. fsync, commit and unmount store
+everything they cover. A crash loses at
+most what was not fsynced or committed; the catalog never references unstored data.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -31,11 +44,24 @@ MAX_FILE_SIZE = 1 << 46  # 64 TiB
 # restart (so: when its content does), and every checkpoint_every seconds. Continuous
 # commits append about 100 KB each: with only a 30 s timer the WAL reached hundreds of MB.
 CHECKPOINT_BYTES = JOURNAL_SIZE_LIMIT
+DIRTY_EXPIRE = 30.0  # seconds a chunk may stay dirty in memory (background pass)
+COMPLETE_BATCH = 32  # complete chunks (4 MiB by default) that wake the background store
+
+
+def default_dirty_limit() -> int:
+    """Dirty memory allowed: 256 MiB, or an eighth of RAM if that is less (16 MiB at least)."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 2 << 30
+    return max(16 << 20, min(256 << 20, ram // 8))
 
 
 class Filesystem:
-    def __init__(self, repo: Repository, *, dirty_limit: int = 64 * 1024 * 1024,
-                 clean_orphans: bool = True) -> None:
+    def __init__(self, repo: Repository, *, dirty_limit: int | None = None,
+                 dirty_expire: float = DIRTY_EXPIRE, clean_orphans: bool = True) -> None:
+        if dirty_limit is None:
+            dirty_limit = default_dirty_limit()
         self.repo = repo
         self.cat = repo.cat
         self.graph = repo.graph
@@ -47,11 +73,15 @@ class Filesystem:
                                                     // self.chunk_size))
         self.max_file_size = MAX_FILE_SIZE
         self.dirty_limit = dirty_limit
+        self.dirty_expire = dirty_expire
         self.volume_views: dict[str, View] = {}
         self.snapshot_views: dict[int, View] = {}
         self._dirty: dict[tuple[int, int], tuple[View, Inode]] = {}
-        self._written_since_check = 0
         self._sync_lock = trio.Lock()
+        self._throttle_lock = trio.Lock()
+        self._complete: list[tuple[View, Inode, int]] = []  # filled by sequential writers
+        self._complete_wake = trio.Event()
+        self._complete_worker_running = False  # without it (tests, CLI) nothing is queued
         # Called with a View whose content changed without the kernel's knowledge.
         self.on_view_changed: Callable[[View], None] = lambda view: None
         # Extra sections for the stats document, e.g. the daemon's event-loop figures.
@@ -114,19 +144,80 @@ class Filesystem:
     def note_dirty(self, view: View, node: Inode, idx: int) -> None:
         self._dirty[(id(view), node.ino)] = (view, node)
 
-    def note_written(self, nbytes: int) -> None:
-        self._written_since_check += nbytes
+    def note_complete(self, view: View, node: Inode, idx: int) -> None:
+        """A sequential writer has just filled chunk idx: store it soon, in a batch."""
+        if self._complete_worker_running:
+            self._complete.append((view, node, idx))
+            if len(self._complete) >= COMPLETE_BATCH:
+                self._complete_wake.set()
+
+    async def store_complete(self) -> None:
+        items, self._complete = self._complete, []
+        await self._store([(v, node, idx) for v, node, idx in items if idx in node.buffers])
+
+    async def _complete_worker(self) -> None:
+        self._complete_worker_running = True
+        try:
+            while True:
+                await self._complete_wake.wait()
+                self._complete_wake = trio.Event()
+                try:
+                    await self.store_complete()
+                except Exception:
+                    log.exception("storing complete chunks failed; the write-back will retry")
+        finally:
+            self._complete_worker_running = False
+            self._complete.clear()
 
     def dirty_bytes(self) -> int:
         return sum(len(n.buffers) for _, n in self._dirty.values()) * self.chunk_size
 
+    @property
+    def dirty_limit(self) -> int:
+        return self._dirty_limit
+
+    @dirty_limit.setter
+    def dirty_limit(self, value: int) -> None:
+        self._dirty_limit = value
+        self.dirty_chunks_limit = value // self.chunk_size
+
     async def throttle(self) -> None:
-        """Back-pressure for writers: keep dirty memory under the limit."""
-        if self._written_since_check < self.chunk_size:
-            return
-        self._written_since_check = 0
-        if self.dirty_bytes() > self.dirty_limit:
-            await self.flush_dirty()
+        """Back-pressure for writers: keep dirty memory under the limit. Checked after
+        every write: the pool's count of buffers out is the number of dirty chunks."""
+        if self.pool.out > self.dirty_chunks_limit:
+            await self.store_oldest()
+
+    async def store_oldest(self) -> None:
+        """Store the oldest dirty chunks (first dirtied first) until the dirty total is an
+        eighth of the limit below it: stored in batches, not one chunk per write."""
+        async with self._throttle_lock:  # concurrent writers wait instead of storing twice
+            dirty = self.dirty_bytes()
+            excess = dirty - self.dirty_limit
+            if excess <= 0:
+                self.pool.out = dirty // self.chunk_size  # a buffer lost without give()
+                return
+            count = -(-(excess + self.dirty_limit // 8) // self.chunk_size)
+            items = sorted(((buf.born, v, node, idx) for v, node in list(self._dirty.values())
+                            for idx, buf in node.buffers.items()), key=lambda t: t[0])
+            await self._store([(v, node, idx) for _, v, node, idx in items[:count]])
+
+    async def write_back(self, now: float | None = None) -> None:
+        """Background: store closed files' data and chunks dirty for longer than
+        dirty_expire; an open file's recent chunks stay in memory."""
+        old = (time.monotonic() if now is None else now) - self.dirty_expire
+        cs = self.chunk_size
+        self._complete.clear()  # stored here
+        items = [(v, node, idx) for v, node in list(self._dirty.values())
+                 for idx, buf in sorted(node.buffers.items())
+                 if not node.opens or buf.born <= old or (buf.seq and buf.length == cs)]
+        await self._store(items)
+
+    async def _store(self, items: list, batch: int = 64) -> None:
+        for i in range(0, len(items), batch):
+            await store_buffers(self.chunks, items[i:i + batch])
+        for key, (_view, node) in list(self._dirty.items()):
+            if not node.buffers:
+                del self._dirty[key]
 
     async def flush_dirty(self, view: View | None = None, batch: int = 64) -> None:
         """Store every dirty buffer (of one view, or all) as chunks, many to a batch."""
@@ -178,8 +269,9 @@ class Filesystem:
             await trio.to_thread.run_sync(self.cat.sync_wal)
 
     async def group_commit(self) -> None:
-        """Periodic: store dirty data and end the open catalog transaction (no fsync)."""
-        await self.flush_dirty()
+        """Periodic: write back (see the policy above) and end the open catalog
+        transaction (no fsync)."""
+        await self.write_back()
         self.flush_inodes()
         await self.commit_catalog(durable=False)
 
@@ -214,6 +306,7 @@ class Filesystem:
                          gc_every: float = 60.0) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.checkpointer, checkpoint_every)
+            nursery.start_soon(self._complete_worker)
             await self._background(interval, gc_every)
 
     async def _background(self, interval: float, gc_every: float) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
     from snapfs.vfs.fs import Filesystem
 
 log = logging.getLogger(__name__)
+
+# Timestamps come from the coarse clock (the kernel's tick), as a local filesystem's do.
+# With the writeback cache the kernel stamps mtime itself from that clock on write; a
+# finer mtime from us differs from it and costs a SETATTR per written file.
+# Python's time module does not name it: on Linux it is clock id 5.
+_COARSE = getattr(time, "CLOCK_REALTIME_COARSE",
+                  5 if sys.platform.startswith("linux") else time.CLOCK_REALTIME)
+
+
+def now_ns() -> int:
+    return time.clock_gettime_ns(_COARSE)
 
 NAME_MAX = 255
 WINDOW = 1024  # blocks resolved per catalog query
@@ -49,6 +61,9 @@ class DirtyChunk:
     data: bytearray
     length: int = 0
     gen: int = 0
+    born: float = 0.0  # time.monotonic() when it became dirty: write-back stores oldest first
+    seq: bool = False  # written from empty by appends only, so far: a sequential writer's
+    frozen: int = 0  # stores reading data right now: a write must thaw (copy) it first
 
 
 class BufferPool:
@@ -62,13 +77,23 @@ class BufferPool:
     def __init__(self, size: int, keep: int) -> None:
         self.size = size
         self.keep = keep
+        self.out = 0  # buffers taken and not given back: the dirty chunks, counted cheaply
         self._free: list[bytearray] = []
 
     def take(self) -> bytearray:
+        self.out += 1
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def fresh(self) -> bytearray:
+        """A buffer for thawing a frozen chunk (not counted: the chunk was counted)."""
         return self._free.pop() if self._free else bytearray(self.size)
 
     def give(self, buf: DirtyChunk | None) -> None:
-        if buf is not None and len(self._free) < self.keep and len(buf.data) == self.size:
+        if buf is None:
+            return
+        self.out -= 1
+        if (not buf.frozen and len(self._free) < self.keep
+                and len(buf.data) == self.size):
             self._free.append(buf.data)
 
 
@@ -260,7 +285,7 @@ class View:
         node.dirty = False
 
     def _touch(self, node: Inode, *, mtime: bool = True, now: int | None = None) -> None:
-        now = now or time.time_ns()
+        now = now or now_ns()
         node.ctime_ns = now
         if mtime:
             node.mtime_ns = now
@@ -286,7 +311,7 @@ class View:
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        now = time.time_ns()
+        now = now_ns()
         size = len(target) if target is not None else 0
         node = Inode(self.graph.alloc_ino(), mode, 2 if stat.S_ISDIR(mode) else 1, uid, gid,
                      size, now, now, now, rdev, target)
@@ -551,7 +576,7 @@ class View:
                 delta = 1 if node.is_dir else -1
                 dst_dir.nlink += delta
                 src_dir.nlink -= delta
-            now = time.time_ns()
+            now = now_ns()
             for n in (node, other):
                 self._touch(n, mtime=False, now=now)
                 self._save(n)
@@ -569,7 +594,7 @@ class View:
                 raise FsError(errno.ENOTEMPTY)
         self._del_entry(src_dir, old_name)
         self._set_entry(dst_dir, new_name, node.ino)
-        now = time.time_ns()
+        now = now_ns()
         if node.is_dir and old_parent != new_parent:
             src_dir.nlink -= 1
             dst_dir.nlink += 1
@@ -611,7 +636,7 @@ class View:
             node.atime_ns = atime_ns
         if mtime_ns is not None:
             node.mtime_ns = mtime_ns
-        node.ctime_ns = ctime_ns if ctime_ns is not None else time.time_ns()
+        node.ctime_ns = ctime_ns if ctime_ns is not None else now_ns()
         self._save(node)
         return node
 
@@ -778,10 +803,19 @@ class View:
             length = len(data)
         else:
             content, length = self.fs.pool.take(), 0
-        buf = node.buffers[idx] = DirtyChunk(content, length)
+        buf = node.buffers[idx] = DirtyChunk(content, length, 0, time.monotonic(), length == 0)
         node.allocated = None
         self.fs.note_dirty(self, node, idx)
         return buf
+
+    def _thaw(self, buf: DirtyChunk) -> None:
+        """A store is hashing and appending buf.data itself (no copy): write into a copy.
+        The old bytearray is left to the store(s) and then to the garbage collector."""
+        data = self.fs.pool.fresh()
+        with memoryview(buf.data) as old:
+            data[:buf.length] = old[:buf.length]
+        buf.data = data
+        buf.frozen = 0
 
     def drop_buffers(self, node: Inode) -> None:
         """Discard a node's unstored data (deleted, or nobody can read it again)."""
@@ -828,29 +862,57 @@ class View:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def write(self, node: Inode, offset: int, data: bytes) -> int:
-        if offset + len(data) > self.fs.max_file_size:
+        n = len(data)
+        end = offset + n
+        if end > self.fs.max_file_size:
             raise FsError(errno.EFBIG)
         cs = self.chunk_size
+        idx, start = divmod(offset, cs)
+        buf = node.buffers.get(idx)
+        if buf is not None and start <= buf.length and start + n <= cs:
+            # fast path: inside one chunk that is already dirty, no gap before it
+            if buf.frozen:
+                self._thaw(buf)
+            stop = start + n
+            buf.data[start:stop] = data
+            if buf.seq:
+                if start != buf.length:
+                    buf.seq = False
+                elif stop == cs:
+                    self.fs.note_complete(self, node, idx)
+            if stop > buf.length:
+                buf.length = stop
+            buf.gen += 1
+            if end > node.size:
+                node.size = end
+            node.mtime_ns = node.ctime_ns = now_ns()
+            if not node.dirty:
+                self._mark_dirty(node)
+            return n
         view = memoryview(data)
-        pos, end = offset, offset + len(data)
+        pos = offset
         while pos < end:
             idx, start = divmod(pos, cs)
             stop = min(cs, end - idx * cs)
             whole = start == 0 and (stop == cs or idx * cs >= node.size)
             buf = await self.buffer(node, idx, whole=whole)
+            if buf.frozen:
+                self._thaw(buf)
+            if buf.seq and start != buf.length:
+                buf.seq = False
             if buf.length < start:  # a gap inside the chunk reads as zeros
                 buf.data[buf.length:start] = bytes(start - buf.length)
             buf.data[start:stop] = view[pos - offset: pos - offset + stop - start]
+            if buf.seq and stop == cs:
+                self.fs.note_complete(self, node, idx)
             if stop > buf.length:
                 buf.length = stop
             buf.gen += 1
             pos = idx * cs + stop
         if end > node.size:
             node.size = end
-        now = time.time_ns()
-        node.mtime_ns = node.ctime_ns = now
+        node.mtime_ns = node.ctime_ns = now_ns()
         self._mark_dirty(node)
-        self.fs.note_written(len(data))
         return len(data)
 
     async def flush_blocks(self, node: Inode, idxs: list[int]) -> None:
@@ -866,6 +928,18 @@ class View:
                 await self.flush_blocks(node, idxs[i:i + batch])
 
 
+def _payload_len(data: bytearray, n: int) -> int:
+    """The length of data[:n] without its trailing zeros, without copying the chunk:
+    whole zero pages at the end are skipped, then the last page is stripped."""
+    if not n or data[n - 1]:
+        return n
+    while n >= 4096 and data.count(0, n - 4096, n) == 4096:
+        n -= 4096
+    start = max(0, n - 4096)
+    with memoryview(data) as mv:
+        return start + len(bytes(mv[start:n]).rstrip(b"\0"))
+
+
 async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     """Store a batch of dirty buffers, of any inodes and views, with one put_many.
 
@@ -873,21 +947,34 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     pack write serve them all. A buffer written again while it was being stored stays
     dirty; one truncated away or deleted meanwhile is dropped.
     """
+    # The payloads are views of the buffers themselves, not copies: each buffer is
+    # frozen while the store reads it, and a write into a frozen buffer thaws it first
+    # (View._thaw), so what is hashed is exactly what is appended.
     work = []
     for view, node, idx in items:
         buf = node.buffers.get(idx)
-        if buf is None:
+        if buf is None or any(w[3] is buf for w in work):
             continue
         cs = view.chunk_size
         valid = min(cs, max(0, node.size - idx * cs))
-        payload = bytes(buf.data[:min(valid, buf.length)]).rstrip(b"\0")
-        work.append((view, node, idx, buf, buf.gen, payload))
-    stored = [w[5] for w in work if w[5]]
-    ids = await chunks.put_many(stored) if stored else []
+        n = _payload_len(buf.data, min(valid, buf.length))
+        buf.frozen += 1
+        payload = memoryview(buf.data)[:n] if n else None
+        work.append((view, node, idx, buf, buf.gen, payload, buf.data))
+    stored = [w[5] for w in work if w[5] is not None]
+    ids: list[int] = []
+    try:
+        ids = await chunks.put_many(stored) if stored else []
+    finally:
+        for w in work:
+            if w[5] is not None:
+                w[5].release()
+            if w[3].data is w[6]:  # not thawed meanwhile
+                w[3].frozen -= 1
     try:
         it = iter(ids)
-        for view, node, idx, buf, gen, payload in work:
-            chunk = next(it) if payload else 0
+        for view, node, idx, buf, gen, payload, _data in work:
+            chunk = next(it) if payload is not None else 0
             if node.buffers.get(idx) is not buf or node.deleted or view.dropped:
                 continue
             view.set_block(node, idx, chunk)

@@ -317,3 +317,21 @@ def test_store_recovers_after_a_failed_pack_creation(tmp_path, monkeypatch):
             s.close()
         except OSError:
             pass
+
+
+def test_append_many_splits_long_batches_into_several_pwritev(store, monkeypatch):
+    monkeypatch.setattr(packs_mod, "MAX_IOVECS", 6)  # three records per pwritev
+    calls = []
+    real = os.pwritev
+
+    def counting(fd, bufs, offset):
+        calls.append(len(bufs))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(os, "pwritev", counting)
+    payloads = [bytes([i]) * (100 + i) for i in range(8)]
+    locs = store.append_many([(i + 1, p, len(p), 0) for i, p in enumerate(payloads)])
+    assert calls == [6, 6, 4]
+    for i, (p, loc) in enumerate(zip(payloads, locs, strict=True)):
+        assert store.read(i + 1, loc) == (p, 0)
+    assert [b.offset for b in locs[1:]] == [a.offset + a.length for a in locs[:-1]]

@@ -3,7 +3,9 @@ persistence and durability ordering (snapfs/vfs/fs.py over snapfs/vfs/view.py)."
 
 from __future__ import annotations
 
+import os
 import stat
+import time
 
 import pytest
 from unithelpers import CHUNK as CS
@@ -302,6 +304,145 @@ async def test_throttle_keeps_dirty_memory_under_the_limit(fs, view):
     assert await read_all(view, f) == b"".join(pattern(CS, seed=i) for i in range(20))
 
 
+def _pack_bytes(fs) -> int:
+    d = fs.repo.paths.packs
+    return sum(os.path.getsize(os.path.join(d, n)) for n in os.listdir(d))
+
+
+@trio_test
+async def test_open_file_stays_dirty_across_group_commits_until_it_expires(fs, view):
+    f = mkfile(view, b"f")
+    f.opens += 1
+    expected = bytearray(pattern(3 * CS, seed=1))
+    await view.write(f, 0, bytes(expected))
+    await fs.sync(view, f)
+    before = _pack_bytes(fs)
+    for i in range(15):  # rewrites of dirty chunks: nothing is stored again and again
+        off = (i % 3) * CS + 7 * i
+        await view.write(f, off, b"x")
+        expected[off] = ord("x")
+        await fs.group_commit()
+    assert sorted(f.buffers) == [0, 1, 2]
+    assert _pack_bytes(fs) == before
+    await fs.write_back(now=time.monotonic() + fs.dirty_expire - 1)
+    assert sorted(f.buffers) == [0, 1, 2]
+    await fs.write_back(now=time.monotonic() + fs.dirty_expire + 1)
+    assert not f.buffers and not fs._dirty
+    assert _pack_bytes(fs) > before
+    assert await read_all(view, f) == expected
+
+
+@trio_test
+async def test_group_commit_stores_the_data_of_closed_files(fs, view):
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(CS + 5, seed=2))
+    await fs.group_commit()
+    assert f.buffers
+    f.opens -= 1  # closed (release)
+    await fs.group_commit()
+    assert not f.buffers and not fs._dirty
+    assert view.block(f, 0) and view.block(f, 1)
+    assert await read_all(view, f) == pattern(CS + 5, seed=2)
+
+
+@trio_test
+async def test_dirty_data_beyond_the_limit_is_stored_oldest_first(fs, view):
+    fs.dirty_limit = 4 * CS
+    f = mkfile(view, b"f")
+    f.opens += 1
+    order = [3, 0, 2, 1]
+    for k, idx in enumerate(order):
+        await view.write(f, idx * CS, pattern(CS, seed=idx))
+        f.buffers[idx].born = 1000.0 + k  # first dirtied in this order
+        await fs.throttle()
+    assert sorted(f.buffers) == [0, 1, 2, 3]  # at the limit, not beyond: nothing stored
+    await view.write(f, 4 * CS, pattern(CS, seed=4))
+    await fs.throttle()
+    # 1 chunk over the limit plus an eighth of it: the two oldest, 3 and 0, are stored
+    assert sorted(f.buffers) == [1, 2, 4]
+    assert view.block(f, 3) and view.block(f, 0) and not view.block(f, 1)
+    assert await read_all(view, f) == b"".join(pattern(CS, seed=i) for i in range(5))
+
+
+@trio_test
+async def test_random_writes_to_an_open_file_respect_the_memory_bound(fs, view):
+    import random
+
+    fs.dirty_limit = 8 * CS
+    f = mkfile(view, b"f")
+    f.opens += 1
+    rng = random.Random(5)
+    expected = bytearray(40 * CS)
+    for _ in range(400):
+        off = rng.randrange(0, 40 * CS - 100)
+        piece = rng.randbytes(rng.randrange(1, 2 * CS))[: 40 * CS - off]
+        await view.write(f, off, piece)
+        expected[off:off + len(piece)] = piece
+        await fs.throttle()
+        assert fs.dirty_bytes() <= fs.dirty_limit + 2 * CS
+    assert await read_all(view, f) == expected[:f.size]
+    await fs.sync(view, f)
+    assert not f.buffers
+    assert await read_all(view, f) == expected[:f.size]
+
+
+@trio_test
+async def test_chunks_filled_by_a_sequential_writer_are_stored_in_the_background(fs, view):
+    import trio
+    import trio.testing
+
+    from snapfs.vfs.fs import COMPLETE_BATCH
+
+    f = mkfile(view, b"f")
+    f.opens += 1
+    g = mkfile(view, b"g")  # written out of order: nothing to queue
+    g.opens += 1
+    n = COMPLETE_BATCH + 3
+    content = pattern(n * CS + 100, seed=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs._complete_worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fs._complete_worker_running
+        for off in range(CS // 2, n * CS, CS):  # g: second halves first, then first halves
+            await view.write(g, off, content[off:off + CS // 2])
+        for off in range(0, n * CS, CS):
+            await view.write(g, off, content[off:off + CS // 2])
+        for off in range(0, len(content), 1000):  # f: small appends, across chunk ends
+            await view.write(f, off, content[off:off + 1000])
+        for _ in range(200):
+            if len(f.buffers) <= n + 1 - COMPLETE_BATCH:
+                break
+            await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert len(f.buffers) <= n + 1 - COMPLETE_BATCH and n in f.buffers  # the tail stays
+    assert len(g.buffers) == n
+    assert await read_all(view, f) == content
+    await fs.write_back()  # the rest of f's complete chunks, not g's (open, young)
+    assert sorted(f.buffers) == [n] and len(g.buffers) == n
+
+
+@trio_test
+async def test_commit_and_fsync_capture_data_kept_dirty_in_memory(fs, view):
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(2 * CS - 10, seed=7))
+    await fs.group_commit()
+    assert sorted(f.buffers) == [1]  # chunk 0 was complete: stored; chunk 1 only in memory
+    await fs.commit(view, "s1")
+    assert not f.buffers
+    assert await read_path(fs.snapshot_view("v@s1"), b"f") == pattern(2 * CS - 10, seed=7)
+    await view.write(f, 3, b"after")
+    await fs.group_commit()
+    assert f.buffers
+    await fs.sync(view, f)
+    assert not f.buffers
+    fs2 = await reopen(fs)
+    want = bytearray(pattern(2 * CS - 10, seed=7))
+    want[3:8] = b"after"
+    assert await read_path(fs2.volume_view("v"), b"f") == want
+
+
 @trio_test
 async def test_flush_dirty_of_one_view_leaves_the_others(fs, view):
     fs.graph.create_volume("w")
@@ -567,3 +708,60 @@ async def test_fsck_is_clean_after_deleting_the_snapshot_that_held_a_deleted_fil
     assert res["freed_chunks"] == 2
     assert names(fs.snapshot_view("v@s2")) == [b"g"]
     assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_write_during_a_store_thaws_the_buffer_and_the_chunk_stays_exact(fs, view,
+                                                                                repo_path):
+    from snapfs.vfs.view import store_buffers
+
+    f = mkfile(view, b"f")
+    f.opens += 1
+    original = pattern(CS, seed=1)
+    await view.write(f, 0, original)
+    frozen_data = f.buffers[0].data
+    real = fs.chunks.put_many
+
+    async def racing(payloads):  # a write arrives while the store reads the buffer
+        assert f.buffers[0].frozen == 1
+        await view.write(f, 10, b"RACE")
+        await view.write(f, CS - 2, b"ZZ")
+        return await real(payloads)
+
+    fs.chunks.put_many = racing
+    await store_buffers(fs.chunks, [(view, f, 0)])
+    fs.chunks.put_many = real
+    chunk = view.block(f, 0)
+    assert chunk and fs.chunks.get_sync(chunk) == original  # what was hashed was appended
+    digest = fs.cat.execute("SELECT hash FROM chunks WHERE id=?", (chunk,)).fetchone()[0]
+    assert digest == fs.chunks.identity(original)
+    assert frozen_data == original and f.buffers[0].data is not frozen_data
+    assert f.buffers[0].frozen == 0
+    want = original[:10] + b"RACE" + original[14:CS - 2] + b"ZZ"
+    assert await read_all(view, f) == want
+    await fs.sync(view, f)
+    assert not f.buffers and await read_all(view, f) == want
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_buffer_dropped_during_its_store_is_not_reused_meanwhile(fs, view):
+    from snapfs.vfs.view import store_buffers
+
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(CS, seed=2))
+    data = f.buffers[0].data
+    real = fs.chunks.put_many
+
+    async def racing(payloads):
+        await view.truncate(f, 0)  # drops the buffer while the store reads it
+        assert all(d is not data for d in fs.pool._free)
+        g = mkfile(view, b"g")
+        await view.write(g, 0, pattern(CS, seed=3))  # takes a pooled buffer: not that one
+        return await real(payloads)
+
+    fs.chunks.put_many = racing
+    await store_buffers(fs.chunks, [(view, f, 0)])
+    fs.chunks.put_many = real
+    assert data == pattern(CS, seed=2) and not f.buffers and f.size == 0

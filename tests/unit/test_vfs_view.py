@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import tempfile
 
 import pytest
@@ -677,3 +678,23 @@ def test_random_writes_and_truncates_match_a_bytearray(ops):
             assert await close_and_fsck(fs, path) == []
 
         trio.run(main)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 8192, 131072])
+@pytest.mark.parametrize("zeros", [0, 1, 4096, 5000, 131072])
+def test_payload_is_the_valid_part_without_trailing_zeros(n, zeros):
+    from snapfs.vfs.view import _payload_len
+
+    data = bytearray(os.urandom(131072))
+    data[max(0, n - zeros):n] = bytes(min(n, zeros))
+    assert _payload_len(data, n) == len(bytes(data[:n]).rstrip(b"\0"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux clock ids")
+def test_timestamps_come_from_the_coarse_clock_like_the_kernels():
+    import time
+
+    from snapfs.vfs import view as view_mod
+
+    assert time.clock_getres(view_mod._COARSE) >= 1e-4  # a tick, not nanoseconds
+    assert abs(view_mod.now_ns() - time.time_ns()) < 1e9
