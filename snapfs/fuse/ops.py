@@ -512,7 +512,10 @@ class SnapfsOperations(pyfuse3.Operations):
         if inode < FIRST_DYNAMIC:
             raise FsError(pyfuse3.ENOATTR)
         view, node = self._resolve(inode)
-        return view.getxattr(node.ino, name)
+        value = view.find_xattr(node.ino, name)
+        if value is None:  # one exception, not two (this runs before every write)
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
 
     @handler
     async def listxattr(self, inode, ctx):
