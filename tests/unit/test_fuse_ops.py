@@ -1,0 +1,62 @@
+"""The FUSE adapter without the kernel: its inode bookkeeping (tests/fuse covers the rest
+through real mounts)."""
+
+from __future__ import annotations
+
+import pytest
+from unithelpers import mkfile, trio_test
+
+import snapfs.fuse.ops as ops_module
+from snapfs.fuse.ops import MNT_ROOT, SnapfsOperations
+from snapfs.types import ROOT_INO
+
+
+@pytest.fixture
+def ops(fs, view):
+    return SnapfsOperations(fs)
+
+
+async def _lookup_file(ops: SnapfsOperations, name: bytes) -> int:
+    vol = await ops.lookup(MNT_ROOT, b"v")
+    return (await ops.lookup(vol.st_ino, name)).st_ino
+
+
+@trio_test
+async def test_forgotten_inodes_stay_in_memory_until_the_bound(ops, view, monkeypatch):
+    """After the kernel forgets an inode (drop_caches), looking it up again must not go to
+    the catalog: the daemon keeps the last RETAIN_FORGOTTEN forgotten inodes."""
+    monkeypatch.setattr(ops_module, "RETAIN_FORGOTTEN", 3)
+    for i in range(5):
+        mkfile(view, b"f%d" % i)
+    view.flush_inodes()
+    finos = [await _lookup_file(ops, b"f%d" % i) for i in range(5)]
+    await ops.forget([(fino, 1) for fino in finos])
+    kept = [fino for fino in finos if fino & ops_module.INO_MASK in view.inodes]
+    assert kept == finos[2:], "the three most recently forgotten inodes stay"
+    # looked up again: no longer forgotten, so later forgets do not evict it
+    assert await _lookup_file(ops, b"f2") == finos[2]
+    more = [mkfile(view, b"g%d" % i) for i in range(3)]
+    view.flush_inodes()
+    gfinos = [await _lookup_file(ops, b"g%d" % i) for i in range(3)]
+    await ops.forget([(fino, 1) for fino in gfinos])
+    assert finos[2] & ops_module.INO_MASK in view.inodes, "in use again: kept"
+    assert all(n.ino in view.inodes for n in more)
+
+
+@trio_test
+async def test_deleted_and_dirty_inodes_are_not_lost_by_forget(ops, view):
+    node = mkfile(view, b"gone")
+    view.flush_inodes()
+    fino = await _lookup_file(ops, b"gone")
+    view.unlink(ROOT_INO, b"gone")
+    await ops.forget([(fino, 1)])
+    assert node.ino not in view.inodes, "a deleted inode is freed at once"
+    dirty = mkfile(view, b"dirty")
+    dirty.dirty = True
+    dfino = await _lookup_file(ops, b"dirty")
+    ops_module.RETAIN_FORGOTTEN, saved = 0, ops_module.RETAIN_FORGOTTEN
+    try:
+        await ops.forget([(dfino, 1)])
+    finally:
+        ops_module.RETAIN_FORGOTTEN = saved
+    assert view.inodes[dirty.ino] is dirty, "unsaved state is never dropped"
