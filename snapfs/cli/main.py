@@ -183,14 +183,19 @@ def cmd_key(args) -> int:
 
 def cmd_mount(args) -> int:
     from snapfs.fuse.daemon import mount
+    from snapfs.vfs.fs import MIN_DIRTY_LIMIT
 
     if not is_repository(args.repo):
         raise NotARepository(f"{args.repo} is not a snapfs repository; create one with "
                              f"`snapfs init {args.repo}`")
     cache_bytes = parse_size(args.cache_size) if args.cache_size else None
+    dirty_limit = parse_size(args.dirty_limit) if args.dirty_limit else None
+    if dirty_limit is not None and dirty_limit < MIN_DIRTY_LIMIT:
+        raise UsageError(f"--dirty-limit must be at least {MIN_DIRTY_LIMIT >> 20}M")
     return mount(args.repo, args.mountpoint, foreground=args.foreground,
                  allow_other=args.allow_other, commit_every=args.commit_every, debug=args.debug,
-                 secret=_checked_secret(args.repo), cache_bytes=cache_bytes)
+                 secret=_checked_secret(args.repo), cache_bytes=cache_bytes,
+                 dirty_limit=dirty_limit)
 
 
 def _checked_secret(repo: str) -> bytes | None:
@@ -476,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cache-size", metavar="SIZE", default=os.environ.get("SNAPFS_CACHE_SIZE"),
                    help="plaintext chunk cache, e.g. 256M, 2G (default: $SNAPFS_CACHE_SIZE, "
                         "else 1/16 of the memory, 64M to 1G)")
+    s.add_argument("--dirty-limit", metavar="SIZE", default=os.environ.get("SNAPFS_DIRTY_LIMIT"),
+                   help="written data held in memory before it is stored, e.g. 512M "
+                        "(default: $SNAPFS_DIRTY_LIMIT, else 1/10 of the memory, 16M to 4G)")
     s.add_argument("--debug", action="store_true", help="verbose log")
     s.set_defaults(func=cmd_mount)
 

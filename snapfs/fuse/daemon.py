@@ -104,14 +104,15 @@ def check_mountpoint(mnt: str) -> str:
 
 def mount(repo_path: str, mnt: str, *, foreground: bool, allow_other: bool,
           commit_every: float | None, debug: bool = False, secret: bytes | None = None,
-          cache_bytes: int | None = None) -> int:
+          cache_bytes: int | None = None, dirty_limit: int | None = None) -> int:
     """secret (for an encrypted repository) was obtained by the caller, before the fork,
     so that a wrong passphrase is reported before anything is mounted."""
     mnt = check_mountpoint(mnt)
     tune_malloc()
     if foreground:
         setup_logging(None, debug)
-        return _run(repo_path, mnt, allow_other, commit_every, None, secret, cache_bytes)
+        return _run(repo_path, mnt, allow_other, commit_every, None, secret, cache_bytes,
+                    dirty_limit)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid:
@@ -131,7 +132,8 @@ def mount(repo_path: str, mnt: str, *, foreground: bool, allow_other: bool,
     code = 1
     try:
         setup_logging(os.path.join(os.path.abspath(repo_path), "snapfs.log"), debug)
-        code = _run(repo_path, mnt, allow_other, commit_every, wfd, secret, cache_bytes)
+        code = _run(repo_path, mnt, allow_other, commit_every, wfd, secret, cache_bytes,
+                    dirty_limit)
     except SnapfsError as e:
         _tell(wfd, str(e))
     except BaseException as e:  # noqa: BLE001 - the daemon must report, not traceback
@@ -152,10 +154,10 @@ def _tell(fd: int | None, msg: str) -> None:
 
 def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None,
          ready_fd: int | None, secret: bytes | None = None,
-         cache_bytes: int | None = None) -> int:
+         cache_bytes: int | None = None, dirty_limit: int | None = None) -> int:
     repo = Repository(repo_path, holder=f"the snapfs mount at {mnt}", secret=secret,
                       cache_bytes=cache_bytes)
-    fs = Filesystem(repo)
+    fs = Filesystem(repo, dirty_limit=dirty_limit)
     ops = SnapfsOperations(fs)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")

@@ -11,17 +11,18 @@ Write-back policy: the data of an open file stays dirty in memory, so that a chu
 written many times (random writes) is hashed and appended to a pack once, not at every
 group commit. The background pass (every 2 s) stores the dirty chunks of files nobody
 has open and chunks first dirtied more than dirty_expire seconds ago (like the kernel's
-dirty_expire); a writer that takes the dirty total past dirty_limit stores the oldest
-chunks first. A chunk that a sequential writer filled from start to end will not be
-written again soon: such chunks are stored in the background as soon as a batch of
-them is complete, so that a long sequential write overlaps its hashing and pack
-appends with the writing and reuses pooled buffers. fsync, commit and unmount store
-everything they cover. A crash loses at
-most what was not fsynced or committed; the catalog never references unstored data.
+dirty_expire); a writer that takes the dirty total past dirty_limit stores the coldest
+chunks first (written the fewest times, then dirtied first). A chunk that a sequential
+writer filled from start to end will not be written again soon: such chunks are stored
+in the background as soon as a batch of them is complete, so that a long sequential
+write overlaps its hashing and pack appends with the writing and reuses pooled buffers.
+fsync, commit and unmount store everything they cover. A crash loses at most what was
+not fsynced or committed; the catalog never references unstored data.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import time
@@ -48,13 +49,21 @@ DIRTY_EXPIRE = 30.0  # seconds a chunk may stay dirty in memory (background pass
 COMPLETE_BATCH = 32  # complete chunks (4 MiB by default) that wake the background store
 
 
+MIN_DIRTY_LIMIT = 16 << 20
+MAX_DEFAULT_DIRTY_LIMIT = 4 << 30
+
+
 def default_dirty_limit() -> int:
-    """Dirty memory allowed: 256 MiB, or an eighth of RAM if that is less (16 MiB at least)."""
+    """Dirty memory allowed by default: a tenth of RAM, 16 MiB to 4 GiB (ZFS's default
+    for zfs_dirty_data_max). Random writes are fast only while the chunks they touch stay
+    dirty: a 4 KiB write into a stored 128 KiB chunk loads it, and storing it again hashes
+    and appends all of it. With 256 MiB, random writes over a 1 GiB file ran at 0.16-0.41x
+    the yardstick (BENCHMARKS.md, full-size run)."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         ram = 2 << 30
-    return max(16 << 20, min(256 << 20, ram // 8))
+    return max(MIN_DIRTY_LIMIT, min(MAX_DEFAULT_DIRTY_LIMIT, ram // 10))
 
 
 class Filesystem:
@@ -188,8 +197,11 @@ class Filesystem:
             await self.store_oldest()
 
     async def store_oldest(self) -> None:
-        """Store the oldest dirty chunks (first dirtied first) until the dirty total is an
-        eighth of the limit below it: stored in batches, not one chunk per write."""
+        """Store the coldest dirty chunks until the dirty total is an eighth of the limit
+        below it, in batches, not one chunk per write. Coldest: written the fewest times
+        (gen), then dirtied first. A chunk written often is likely to be written again, and
+        storing it would cost a load and a store for its next small write; one that is hot
+        no longer is still stored after dirty_expire by the background pass."""
         async with self._throttle_lock:  # concurrent writers wait instead of storing twice
             dirty = self.dirty_bytes()
             excess = dirty - self.dirty_limit
@@ -197,9 +209,10 @@ class Filesystem:
                 self.pool.out = dirty // self.chunk_size  # a buffer lost without give()
                 return
             count = -(-(excess + self.dirty_limit // 8) // self.chunk_size)
-            items = sorted(((buf.born, v, node, idx) for v, node in list(self._dirty.values())
-                            for idx, buf in node.buffers.items()), key=lambda t: t[0])
-            await self._store([(v, node, idx) for _, v, node, idx in items[:count]])
+            items = heapq.nsmallest(
+                count, ((buf.gen, buf.born, v, node, idx) for v, node in list(self._dirty.values())
+                        for idx, buf in node.buffers.items()), key=lambda t: (t[0], t[1]))
+            await self._store([(v, node, idx) for _, _, v, node, idx in items])
 
     async def write_back(self, now: float | None = None) -> None:
         """Background: store closed files' data and chunks dirty for longer than
@@ -428,6 +441,7 @@ class Filesystem:
     def stats(self) -> dict:
         result = graph_stats.compute(self.graph, self.chunk_size, self.repo.paths.packs)
         result["dirty_bytes"] = self.dirty_bytes()
+        result["dirty_limit"] = self.dirty_limit
         for key, fn in self.extra_stats.items():
             result[key] = fn()
         return result

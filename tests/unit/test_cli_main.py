@@ -150,6 +150,19 @@ def test_mount_of_a_non_repository(tmp_path):
     assert "snapfs init" in line
 
 
+@pytest.mark.parametrize("size", ["1M", "lots"])
+def test_mount_with_a_bad_dirty_limit(tmp_path, size):
+    """Refused before anything is mounted: too small to hold a batch of chunks, or not a
+    size at all."""
+    repo = str(tmp_path / "r")
+    assert snapfs("init", repo).returncode == 0
+    (tmp_path / "mnt").mkdir()
+    proc = snapfs("mount", repo, str(tmp_path / "mnt"), "--dirty-limit", size)
+    assert_one_line_error(proc)
+    assert proc.returncode == 2
+    assert not os.path.ismount(tmp_path / "mnt")
+
+
 @pytest.mark.parametrize("cmd", [["stats"], ["commit", "--volume", "v"],
                                  ["volume", "create", "x"]])
 def test_C_of_a_random_directory(tmp_path, cmd):

@@ -347,7 +347,9 @@ async def test_group_commit_stores_the_data_of_closed_files(fs, view):
 
 
 @trio_test
-async def test_dirty_data_beyond_the_limit_is_stored_oldest_first(fs, view):
+async def test_dirty_data_beyond_the_limit_is_stored_coldest_first(fs, view):
+    """Coldest: written the fewest times, then dirtied first. A chunk written again and
+    again stays in memory, where its next small write costs nothing but a copy."""
     fs.dirty_limit = 4 * CS
     f = mkfile(view, b"f")
     f.opens += 1
@@ -356,13 +358,26 @@ async def test_dirty_data_beyond_the_limit_is_stored_oldest_first(fs, view):
         await view.write(f, idx * CS, pattern(CS, seed=idx))
         f.buffers[idx].born = 1000.0 + k  # first dirtied in this order
         await fs.throttle()
+    for _ in range(3):  # chunk 3, the oldest, is the hottest
+        await view.write(f, 3 * CS + 10, pattern(100, seed=3)[:100])
     assert sorted(f.buffers) == [0, 1, 2, 3]  # at the limit, not beyond: nothing stored
     await view.write(f, 4 * CS, pattern(CS, seed=4))
     await fs.throttle()
-    # 1 chunk over the limit plus an eighth of it: the two oldest, 3 and 0, are stored
-    assert sorted(f.buffers) == [1, 2, 4]
-    assert view.block(f, 3) and view.block(f, 0) and not view.block(f, 1)
-    assert await read_all(view, f) == b"".join(pattern(CS, seed=i) for i in range(5))
+    # 1 chunk over the limit plus an eighth of it: two chunks written once, the oldest
+    # of those first (0, then 2), are stored; the hot chunk 3 stays dirty
+    assert sorted(f.buffers) == [1, 3, 4]
+    assert view.block(f, 0) and view.block(f, 2) and not view.block(f, 3)
+    expected = bytearray(b"".join(pattern(CS, seed=i) for i in range(5)))
+    expected[3 * CS + 10:3 * CS + 110] = pattern(100, seed=3)[:100]
+    assert await read_all(view, f) == expected
+
+
+def test_default_dirty_limit_follows_the_machine():
+    from snapfs.vfs.fs import MAX_DEFAULT_DIRTY_LIMIT, MIN_DIRTY_LIMIT, default_dirty_limit
+
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert default_dirty_limit() == max(MIN_DIRTY_LIMIT, min(MAX_DEFAULT_DIRTY_LIMIT,
+                                                             total // 10))
 
 
 @trio_test
