@@ -21,6 +21,8 @@ Reading a chunk that is not in the cache costs, in this order of preference:
   cache holds it; a trio thread hop costs more than that (BENCHMARKS.md). Only when the
   kernel would have to wait for the disk (EAGAIN, or a short read) does the read go to a
   worker thread, so a cold disk never stalls the other requests.
+
+Large reads use ``read_into``: the payload is scattered straight into the reply buffer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hmac
 import logging
 import os
 from collections import Counter, OrderedDict
+from functools import partial
 
 import trio
 
@@ -338,6 +341,52 @@ class ChunkManager:
                     raise
         self.cache.put(cid, data)
         return data
+
+    async def read_into(self, cid: int, out: memoryview) -> None:
+        """Copy chunk cid's plaintext from its start into out, which the caller has zeroed:
+        a payload shorter than out (trailing zeros are not stored) leaves the rest alone.
+
+        For large reads, which would otherwise copy each chunk three times (page cache to
+        the record buffer, to a bytes object, into the joined reply): an unencrypted
+        record that out holds whole is read straight into it. It is not cached: a scan
+        larger than the cache would only evict what random readers use (and the kernel
+        keeps the pages of the file it just read).
+        """
+        data = self.cache.get(cid)
+        if data is None:
+            where = self.location(cid)
+            length = where[0].length - RECORD_OVERHEAD
+            if self.aead is None and length <= len(out):
+                await self._read_payload_into(cid, where, out[:length])
+                return
+            data = await self.get(cid)
+        n = min(len(data), len(out))
+        with memoryview(data) as mv:
+            out[:n] = mv[:n]
+
+    async def _read_payload_into(self, cid: int, where: tuple[ChunkLocation, bytes],
+                                 out: memoryview) -> None:
+        while True:
+            try:
+                flags = self.packs.read_payload_into(cid, where[0], out, nowait=True)
+                if flags is None:
+                    self.reads_thread += 1
+                    flags = await trio.to_thread.run_sync(
+                        partial(self.packs.read_payload_into, cid, where[0], out, nowait=False))
+                else:
+                    self.reads_inline += 1
+                break
+            except IntegrityError:
+                # moved by the collector meanwhile: read it at its new place, as get() does
+                self._where.pop(cid, None)
+                if self.location(cid) == where:
+                    raise
+                where = self.location(cid)
+                if where[0].length - RECORD_OVERHEAD != len(out):
+                    raise
+        if flags & FLAG_ENCRYPTED:
+            raise IntegrityError(f"chunk {cid} in {pack_name(where[0].pack)} is encrypted "
+                                 "but this repository has no key")
 
     def get_sync(self, cid: int) -> bytes:
         """get() for callers without trio, in any one thread (never the shared buffer)."""

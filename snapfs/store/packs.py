@@ -234,6 +234,42 @@ class PackStore:
             return None
         return verify_record(view, chunk_id, loc)
 
+    def read_payload_into(self, chunk_id: int, loc: ChunkLocation, out: memoryview,
+                          *, nowait: bool) -> int | None:
+        """Read one record with its payload scattered straight into out, which must be
+        exactly the payload's length, and verify it; returns the record's flags.
+
+        For large reads: the payload lands where the reply is assembled, with no copy in
+        between. With nowait (the event loop's thread), None when reading would wait for
+        the disk or came back short, as read_cached; without, a short read is a truncated
+        record (IntegrityError). A damaged record raises IntegrityError; out then holds
+        unverified bytes and must not be used.
+        """
+        if len(out) != loc.length - RECORD_OVERHEAD:
+            raise ValueError("out must be exactly the payload's length")
+        header = bytearray(RECORD_OVERHEAD)
+        fd = self._fd(loc.pack)
+        if nowait:
+            if not self.nowait:
+                return None
+            try:
+                n = os.preadv(fd, (header, out), loc.offset, RWF_NOWAIT)
+            except BlockingIOError:
+                return None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                self.nowait = False
+                return None
+            if n != loc.length:
+                return None
+        else:
+            n = os.preadv(fd, (header, out), loc.offset)
+            if n != loc.length:
+                raise IntegrityError(f"{_where(chunk_id, loc)}: record truncated "
+                                     f"({n} of {loc.length} bytes)")
+        return _verify(header, out, chunk_id, loc)
+
     def read_record(self, chunk_id: int, loc: ChunkLocation) -> tuple[bytes, int, int]:
         """Read and verify one record; returns (payload, plaintext length, flags)."""
         data = os.pread(self._fd(loc.pack), loc.length, loc.offset)
@@ -280,16 +316,24 @@ def verify_record(data: bytes | memoryview, chunk_id: int,
     if len(data) != loc.length or len(data) < RECORD_OVERHEAD:
         raise IntegrityError(f"{_where(chunk_id, loc)}: record truncated "
                              f"({len(data)} of {loc.length} bytes)")
-    magic, flags, _resv, length, _raw, stored_id = RECORD_HEADER.unpack_from(data)
+    payload = data[RECORD_OVERHEAD:]
+    return payload, _verify(data, payload, chunk_id, loc)
+
+
+def _verify(header: bytes | bytearray | memoryview, payload: bytes | memoryview,
+            chunk_id: int, loc: ChunkLocation) -> int:
+    """Check a record's header (its first RECORD_OVERHEAD bytes) and the checksum over
+    header and payload, which need not be contiguous; return the record's flags."""
+    magic, flags, _resv, length, _raw, stored_id = RECORD_HEADER.unpack_from(header)
     if magic != RECORD_MAGIC or length != loc.length - RECORD_OVERHEAD or stored_id != chunk_id:
         raise IntegrityError(f"{_where(chunk_id, loc)}: record header damaged")
-    (stored_check,) = CHECK.unpack_from(data, RECORD_HEADER.size)
-    check = xxhash.xxh3_64(data[: RECORD_HEADER.size])
-    payload = data[RECORD_OVERHEAD:]
+    (stored_check,) = CHECK.unpack_from(header, RECORD_HEADER.size)
+    with memoryview(header) as h:
+        check = xxhash.xxh3_64(h[:RECORD_HEADER.size])
     check.update(payload)
     if check.intdigest() != stored_check:
         raise IntegrityError(f"{_where(chunk_id, loc)}: checksum mismatch")
-    return payload, flags
+    return flags
 
 
 def _where(chunk_id: int, loc: ChunkLocation) -> str:

@@ -828,7 +828,7 @@ class View:
             self.fs.pool.give(buf)
         node.buffers.clear()
 
-    async def read(self, node: Inode, offset: int, size: int) -> bytes:
+    async def read(self, node: Inode, offset: int, size: int) -> bytes | bytearray:
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
@@ -845,26 +845,32 @@ class View:
             if len(piece) < end - offset:  # beyond the stored (zero-stripped) payload
                 piece += bytes(end - offset - len(piece))
             return piece
-        parts = []
+        # a read of several chunks is assembled in one zeroed buffer, each chunk copied
+        # into its place once (stored payloads straight from the page cache): no pieces
+        # to join, and holes, unstored tails and stripped zeros cost nothing
+        out = bytearray(end - offset)
+        mv = memoryview(out)  # slices of it are written to, in worker threads too
         pos = offset
         while pos < end:
             idx, start = divmod(pos, cs)
             stop = min(cs, end - idx * cs)
+            dst = mv[pos - offset:pos - offset + stop - start]
             buf = node.buffers.get(idx)
             if buf is not None:
-                piece = bytes(buf.data[start:min(stop, buf.length)]) if start < buf.length else b""
-                if len(piece) < stop - start:  # beyond the buffer's length: zeros
-                    piece += bytes(stop - start - len(piece))
-                parts.append(piece)
-            else:
-                chunk = self.block(node, idx)
-                data = await self.fs.chunks.get(chunk) if chunk else b""
-                piece = data[start:stop]
-                if len(piece) < stop - start:
-                    piece += bytes(stop - start - len(piece))
-                parts.append(piece)
+                n = min(stop, buf.length) - start
+                if n > 0:
+                    with memoryview(buf.data) as src:
+                        dst[:n] = src[start:start + n]
+            elif chunk := self.block(node, idx):
+                if start == 0:
+                    await self.fs.chunks.read_into(chunk, dst)
+                else:
+                    data = await self.fs.chunks.get(chunk)
+                    with memoryview(data) as src:
+                        piece = src[start:stop]
+                        dst[:len(piece)] = piece
             pos = idx * cs + stop
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return out
 
     async def write(self, node: Inode, offset: int, data: bytes) -> int:
         n = len(data)

@@ -518,3 +518,55 @@ def test_record_evicted_from_the_page_cache_is_read_in_a_worker_thread(st):
     fresh.cache.drop(cid)
     assert trio.run(fresh.get, cid) == payload  # now in the page cache again
     assert (fresh.reads_inline, fresh.reads_thread) == (1, 1)
+
+
+def test_read_into_places_a_chunk_in_a_larger_buffer(st):
+    """read_into, used for large reads: straight from the pack (not cached), from the cache
+    when the chunk is there, and a zero-stripped payload leaves the zeroed tail alone."""
+    full = os.urandom(64 * 1024)
+    short = os.urandom(1000)  # a chunk whose trailing zeros were stripped
+    a, b = trio.run(st.cm.put, full), trio.run(st.cm.put, short)
+    fresh = st.fresh_manager()
+    reply = bytearray(3 * 64 * 1024)
+    mv = memoryview(reply)
+    trio.run(fresh.read_into, a, mv[:64 * 1024])
+    trio.run(fresh.read_into, b, mv[64 * 1024:2 * 64 * 1024])
+    assert reply == full + short + bytes(2 * 64 * 1024 - 1000)
+    assert fresh.reads_inline + fresh.reads_thread == 2
+    assert fresh.cache.get(a) is None  # a scan does not evict what random readers use
+    cached = trio.run(fresh.get, a)
+    before = fresh.reads_inline + fresh.reads_thread
+    part = bytearray(1000)  # smaller than the payload: the first 1,000 bytes
+    trio.run(fresh.read_into, a, memoryview(part))
+    assert part == cached[:1000]
+    assert fresh.reads_inline + fresh.reads_thread == before  # served by the cache
+
+
+def test_read_into_detects_damage(st):
+    cid = trio.run(st.cm.put, os.urandom(4096))
+    st.damage(cid, at=100)
+    fresh = st.fresh_manager()
+    with pytest.raises(IntegrityError, match=f"chunk {cid}"):
+        trio.run(fresh.read_into, cid, memoryview(bytearray(8192)))
+
+
+def test_read_into_an_encrypted_chunk(tmp_path):
+    """Encrypted records are opened (decrypted) as get() does, then copied; a manager
+    without the key refuses them on this path too."""
+    from snapfs.crypto.aead import Aead
+
+    s = Store(tmp_path / "e")
+    try:
+        s.cm.aead = Aead(bytes(range(32, 64)))
+        payload = os.urandom(10_000)
+        cid = trio.run(s.cm.put, payload)
+        fresh = s.fresh_manager()
+        fresh.aead = s.cm.aead
+        out = bytearray(16_384)
+        trio.run(fresh.read_into, cid, memoryview(out))
+        assert out == payload + bytes(16_384 - 10_000)
+        plain = s.fresh_manager()
+        with pytest.raises(IntegrityError, match="encrypted but this repository has no key"):
+            trio.run(plain.read_into, cid, memoryview(bytearray(16_384)))
+    finally:
+        s.close()

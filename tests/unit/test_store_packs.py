@@ -335,3 +335,37 @@ def test_append_many_splits_long_batches_into_several_pwritev(store, monkeypatch
     for i, (p, loc) in enumerate(zip(payloads, locs, strict=True)):
         assert store.read(i + 1, loc) == (p, 0)
     assert [b.offset for b in locs[1:]] == [a.offset + a.length for a in locs[:-1]]
+
+
+@pytest.mark.parametrize("nowait", [True, False])
+def test_read_payload_into_scatters_the_payload_and_checks_every_byte(store, nowait):
+    """The payload lands in the caller's buffer (a view of a larger one, as a read reply
+    is assembled); any damaged byte of the record is an IntegrityError, as in read()."""
+    payload = os.urandom(5000)
+    store.append(1, b"before", 6, 0)
+    loc = store.append(7, payload, len(payload), packs_mod.FLAG_ENCRYPTED)
+    store.sync()
+    reply = bytearray(b"#" * (len(payload) + 20))
+    out = memoryview(reply)[10:10 + len(payload)]
+    assert store.read_payload_into(7, loc, out, nowait=nowait) == packs_mod.FLAG_ENCRYPTED
+    assert reply == b"#" * 10 + payload + b"#" * 10
+    with pytest.raises(ValueError):
+        store.read_payload_into(7, loc, out[1:], nowait=nowait)
+    path = pack_path(store, loc.pack)
+    for i in [0, 5, RECORD_OVERHEAD - 1, RECORD_OVERHEAD, loc.length - 1]:
+        flip_byte(path, loc.offset + i)
+        with pytest.raises(IntegrityError, match="chunk 7"):
+            store.read_payload_into(7, loc, out, nowait=nowait)
+        flip_byte(path, loc.offset + i)
+    with pytest.raises(IntegrityError, match="chunk 8"):
+        store.read_payload_into(8, loc, out, nowait=nowait)  # another chunk's record
+
+
+def test_read_payload_into_a_truncated_record(store):
+    loc = store.append(4, b"z" * 300, 300, 0)
+    store.sync()
+    os.truncate(pack_path(store, 1), loc.offset + loc.length - 10)
+    out = memoryview(bytearray(300))
+    assert store.read_payload_into(4, loc, out, nowait=True) is None  # short: the caller retries
+    with pytest.raises(IntegrityError, match="truncated"):
+        store.read_payload_into(4, loc, out, nowait=False)

@@ -455,6 +455,35 @@ async def test_unaligned_writes_across_chunk_boundaries(view):
 
 
 @trio_test
+async def test_reads_across_stored_dirty_hole_and_stripped_chunks(fs, view):
+    """Reads of several chunks are assembled in one buffer: stored chunks read straight
+    from the packs or copied from the cache, zero-stripped payloads, holes, and dirty
+    buffers shorter than a chunk, at every kind of offset and length."""
+    from snapfs.store.chunks import ChunkCache
+
+    f = mkfile(view, b"mixed")
+    model = bytearray(6 * CS)
+    model[0:CS] = pattern(CS, seed=1)  # 0: stored, full
+    model[2 * CS:2 * CS + 100] = pattern(100, seed=2)  # 2: stored, zeros stripped; 1: hole
+    model[4 * CS:5 * CS] = pattern(CS, seed=4)  # 4: stored, full
+    await view.write(f, 0, bytes(model[:5 * CS]))
+    await view.flush_data(f)
+    model[3 * CS + 5:3 * CS + 50] = pattern(45, seed=3)  # 3: dirty, length 50
+    model[5 * CS:5 * CS + 7] = b"tail..."  # 5: dirty, the file's end
+    await view.write(f, 3 * CS + 5, bytes(model[3 * CS + 5:3 * CS + 50]))
+    await view.write(f, 5 * CS, b"tail...")
+    del model[5 * CS + 7:]
+    assert sorted(f.buffers) == [3, 5] and not view.block(f, 1)
+    for cached in (False, True):
+        for off, n in [(0, 6 * CS), (0, 2 * CS), (1, 2 * CS), (CS, 3 * CS), (2 * CS + 50, CS),
+                       (3 * CS + 40, 2 * CS), (4 * CS, 10 * CS), (CS - 1, 2), (0, 5 * CS + 3)]:
+            if not cached:
+                fs.chunks.cache = ChunkCache(fs.chunks.cache.limit)
+            got = await view.read(f, off, n)
+            assert got == bytes(model[off:off + n]), (cached, off, n)
+
+
+@trio_test
 async def test_sparse_writes_far_out_read_as_zeros_and_store_nothing(fs, view):
     f = mkfile(view, b"sparse")
     far = 1000 * CS + 17
