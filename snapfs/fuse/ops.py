@@ -444,7 +444,7 @@ class SnapfsOperations(pyfuse3.Operations):
             raise FsError(errno.EBADF)
         n = await h.view.write(h.node, off, buf)
         fs = self.fs
-        if fs.pool.out > fs.dirty_chunks_limit:  # throttle()'s own first check, inline
+        if fs.over_limit():
             await fs.throttle()
         return n
 

@@ -47,6 +47,10 @@ MAX_FILE_SIZE = 1 << 46  # 64 TiB
 CHECKPOINT_BYTES = JOURNAL_SIZE_LIMIT
 DIRTY_EXPIRE = 30.0  # seconds a chunk may stay dirty in memory (background pass)
 COMPLETE_BATCH = 32  # complete chunks (4 MiB by default) that wake the background store
+# Complete chunks queued beyond this make the sequential writer store them itself: they
+# will not be written again, so holding more only costs memory (fresh memory is slow to
+# fault in on virtual machines: 2 GiB piled up when the store fell behind a fast writer).
+COMPLETE_BACKLOG = 8 * COMPLETE_BATCH
 
 
 MIN_DIRTY_LIMIT = 16 << 20
@@ -190,9 +194,17 @@ class Filesystem:
         self._dirty_limit = value
         self.dirty_chunks_limit = value // self.chunk_size
 
+    def over_limit(self) -> bool:
+        """Checked after every write: the pool's count of buffers out is the number of
+        dirty chunks; the complete queue is what sequential writers filled."""
+        return (self.pool.out > self.dirty_chunks_limit
+                or len(self._complete) > COMPLETE_BACKLOG)
+
     async def throttle(self) -> None:
-        """Back-pressure for writers: keep dirty memory under the limit. Checked after
-        every write: the pool's count of buffers out is the number of dirty chunks."""
+        """Back-pressure for writers: keep dirty memory under the limit, and the queue of
+        complete chunks short (a writer faster than the store waits for it)."""
+        if len(self._complete) > COMPLETE_BACKLOG:
+            await self.store_complete()
         if self.pool.out > self.dirty_chunks_limit:
             await self.store_oldest()
 

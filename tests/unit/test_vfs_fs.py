@@ -438,6 +438,33 @@ async def test_chunks_filled_by_a_sequential_writer_are_stored_in_the_background
 
 
 @trio_test
+async def test_a_sequential_writer_faster_than_the_store_stores_its_backlog(fs, view):
+    """Complete chunks are never written again: a queue of them longer than
+    COMPLETE_BACKLOG is stored by the writer itself (back-pressure), however high the
+    dirty limit. Here the background worker is registered but never runs (it is slow)."""
+    from snapfs.vfs.fs import COMPLETE_BACKLOG
+
+    fs.dirty_limit = 1 << 40
+    fs._complete_worker_running = True  # as if the worker were busy with an earlier batch
+    f = mkfile(view, b"f")
+    f.opens += 1
+    n = COMPLETE_BACKLOG + 5
+    content = pattern(n * CS, seed=8)
+    stored_by_writer = 0
+    for idx in range(n):
+        await view.write(f, idx * CS, content[idx * CS:(idx + 1) * CS])
+        if fs.over_limit():
+            await fs.throttle()
+            stored_by_writer += 1
+        assert len(fs._complete) <= COMPLETE_BACKLOG
+    assert stored_by_writer == 1
+    assert len(f.buffers) == n - (COMPLETE_BACKLOG + 1)
+    assert all(view.block(f, i) for i in range(COMPLETE_BACKLOG + 1))
+    assert await read_all(view, f) == content
+    fs._complete_worker_running = False
+
+
+@trio_test
 async def test_commit_and_fsync_capture_data_kept_dirty_in_memory(fs, view):
     f = mkfile(view, b"f")
     f.opens += 1
