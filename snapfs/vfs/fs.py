@@ -36,7 +36,7 @@ from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
 from snapfs.store.catalog import JOURNAL_SIZE_LIMIT
 from snapfs.store.gc import Collector
-from snapfs.vfs.view import BufferPool, Inode, View, store_buffers
+from snapfs.vfs.view import BufferPool, Inode, View, release_free_memory, store_buffers
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ MAX_FILE_SIZE = 1 << 46  # 64 TiB
 # commits append about 100 KB each: with only a 30 s timer the WAL reached hundreds of MB.
 CHECKPOINT_BYTES = JOURNAL_SIZE_LIMIT
 DIRTY_EXPIRE = 30.0  # seconds a chunk may stay dirty in memory (background pass)
+IDLE_POOL_BYTES = 64 << 20  # free dirty buffers kept once writing has stopped
 COMPLETE_BATCH = 32  # complete chunks (4 MiB by default) that wake the background store
 # Complete chunks queued beyond this make the sequential writer store them itself: they
 # will not be written again, so holding more only costs memory (fresh memory is slow to
@@ -104,6 +105,7 @@ class Filesystem:
         self.checkpoint_bytes = CHECKPOINT_BYTES
         self._checkpoint_wanted = trio.Event()
         self.checkpoints = 0
+        self._last_dirty = time.monotonic()  # when dirty data was last seen (trim_pool)
         if clean_orphans:
             self._clean_orphans()
 
@@ -335,18 +337,29 @@ class Filesystem:
             await self._background(interval, gc_every)
 
     async def _background(self, interval: float, gc_every: float) -> None:
-        last_gc = time.monotonic()
+        last_gc = self._last_dirty = time.monotonic()
         while True:
             await trio.sleep(interval)
             try:
                 await self.group_commit()
                 now = time.monotonic()
+                await self.trim_pool(now)
                 if self.gc_requested or now - last_gc > gc_every:
                     last_gc = now
                     self.gc_requested = False
                     await self.gc()
             except Exception:
                 log.exception("background write-back failed; will retry")
+
+    async def trim_pool(self, now: float) -> None:
+        """Once nothing has been dirty for dirty_expire seconds, keep IDLE_POOL_BYTES of
+        free buffers and give the rest of the memory back: a burst of random writes
+        takes up to dirty_limit (a tenth of RAM), which an idle daemon should not hold."""
+        if self.pool.out:
+            self._last_dirty = now
+        elif (now - self._last_dirty >= self.dirty_expire
+              and self.pool.trim(IDLE_POOL_BYTES // self.chunk_size)):
+            await trio.to_thread.run_sync(release_free_memory)
 
     def held_chunks(self):
         return accounting.shared_chunks(self.graph.vertices.values())[0]

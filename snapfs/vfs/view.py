@@ -16,6 +16,7 @@ Errors are FsError(errno) with the errno a local filesystem gives.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import stat
@@ -95,6 +96,23 @@ class BufferPool:
         if (not buf.frozen and len(self._free) < self.keep
                 and len(buf.data) == self.size):
             self._free.append(buf.data)
+
+    def trim(self, keep: int) -> int:
+        """Let go of all but keep free buffers (the oldest go); returns how many went."""
+        extra = len(self._free) - keep
+        if extra <= 0:
+            return 0
+        del self._free[:extra]
+        return extra
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free memory back to the kernel (glibc's malloc_trim); any
+    thread (the GIL is released during the call). A no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @dataclass(slots=True, eq=False)
