@@ -46,7 +46,10 @@ MAX_FILE_SIZE = 1 << 46  # 64 TiB
 # commits append about 100 KB each: with only a 30 s timer the WAL reached hundreds of MB.
 CHECKPOINT_BYTES = JOURNAL_SIZE_LIMIT
 DIRTY_EXPIRE = 30.0  # seconds a chunk may stay dirty in memory (background pass)
-IDLE_POOL_BYTES = 64 << 20  # free dirty buffers kept once writing has stopped
+IDLE_POOL_BYTES = 64 << 20  # free dirty buffers kept once writing has stopped...
+# ...for this long: a pause between two bursts of writes (a benchmark verifying what
+# it wrote) must not make the next burst fault all of its memory in again
+POOL_IDLE_SECONDS = 300.0
 COMPLETE_BATCH = 32  # complete chunks (4 MiB by default) that wake the background store
 # Complete chunks queued beyond this make the sequential writer store them itself: they
 # will not be written again, so holding more only costs memory (fresh memory is slow to
@@ -352,12 +355,12 @@ class Filesystem:
                 log.exception("background write-back failed; will retry")
 
     async def trim_pool(self, now: float) -> None:
-        """Once nothing has been dirty for dirty_expire seconds, keep IDLE_POOL_BYTES of
-        free buffers and give the rest of the memory back: a burst of random writes
-        takes up to dirty_limit (a tenth of RAM), which an idle daemon should not hold."""
+        """Once nothing has been dirty for POOL_IDLE_SECONDS, keep IDLE_POOL_BYTES of free
+        buffers and give the rest of the memory back: a burst of random writes takes up
+        to dirty_limit (a tenth of RAM), which an idle daemon should not hold."""
         if self.pool.out:
             self._last_dirty = now
-        elif (now - self._last_dirty >= self.dirty_expire
+        elif (now - self._last_dirty >= POOL_IDLE_SECONDS
               and self.pool.trim(IDLE_POOL_BYTES // self.chunk_size)):
             await trio.to_thread.run_sync(release_free_memory)
 

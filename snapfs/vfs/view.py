@@ -852,7 +852,13 @@ class View:
             return b""
         cs = self.chunk_size
         idx, start = divmod(offset, cs)
-        if end - idx * cs <= cs and idx not in node.buffers:
+        if end - idx * cs <= cs:
+            buf = node.buffers.get(idx)
+            if buf is not None:  # fast path: inside one dirty chunk (random reads and writes)
+                piece = buf.data[start:min(end - idx * cs, buf.length)]
+                if len(piece) < end - offset:  # beyond the buffer's length: zeros
+                    piece += bytes(end - offset - len(piece))
+                return piece
             # fast path: one stored chunk (every 4 KiB read): no list, no join, and a read of
             # a whole chunk returns the cached object itself (a full slice is not a copy)
             chunk = self.block(node, idx)

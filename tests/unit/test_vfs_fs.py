@@ -812,7 +812,7 @@ async def test_a_buffer_dropped_during_its_store_is_not_reused_meanwhile(fs, vie
 @trio_test
 async def test_an_idle_pool_gives_its_memory_back(fs, view, monkeypatch):
     """After a burst of writes the pool holds a buffer for every chunk that was dirty at
-    once; once nothing has been dirty for dirty_expire seconds it keeps IDLE_POOL_BYTES."""
+    once; once nothing has been dirty for POOL_IDLE_SECONDS it keeps IDLE_POOL_BYTES."""
     from snapfs.vfs import fs as fsmod
 
     monkeypatch.setattr(fsmod, "IDLE_POOL_BYTES", 2 * CS)
@@ -823,9 +823,9 @@ async def test_an_idle_pool_gives_its_memory_back(fs, view, monkeypatch):
     await fs.trim_pool(t0)  # dirty: nothing to trim
     await fs.sync(view, f)
     assert fs.pool.out == 0 and len(fs.pool._free) >= 10
-    await fs.trim_pool(t0 + fs.dirty_expire - 1)  # not idle for long enough
+    await fs.trim_pool(t0 + fsmod.POOL_IDLE_SECONDS - 1)  # not idle for long enough
     assert len(fs.pool._free) >= 10
-    await fs.trim_pool(t0 + fs.dirty_expire + 1)
+    await fs.trim_pool(t0 + fsmod.POOL_IDLE_SECONDS + 1)
     assert len(fs.pool._free) == 2
     await view.write(f, 0, b"again")  # the pool still serves writers
     assert await view.read(f, 0, 5) == b"again"

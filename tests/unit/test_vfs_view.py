@@ -476,7 +476,8 @@ async def test_reads_across_stored_dirty_hole_and_stripped_chunks(fs, view):
     assert sorted(f.buffers) == [3, 5] and not view.block(f, 1)
     for cached in (False, True):
         for off, n in [(0, 6 * CS), (0, 2 * CS), (1, 2 * CS), (CS, 3 * CS), (2 * CS + 50, CS),
-                       (3 * CS + 40, 2 * CS), (4 * CS, 10 * CS), (CS - 1, 2), (0, 5 * CS + 3)]:
+                       (3 * CS + 40, 2 * CS), (4 * CS, 10 * CS), (CS - 1, 2), (0, 5 * CS + 3),
+                       (3 * CS, 100), (3 * CS + 60, 10), (3 * CS + 4, 40), (5 * CS + 2, 100)]:
             if not cached:
                 fs.chunks.cache = ChunkCache(fs.chunks.cache.limit)
             got = await view.read(f, off, n)
