@@ -35,6 +35,7 @@ from functools import partial
 
 import trio
 
+from snapfs.crypto.aead import OVERHEAD as AEAD_OVERHEAD
 from snapfs.crypto.aead import Aead
 from snapfs.errors import IntegrityError
 from snapfs.store.catalog import Catalog
@@ -311,10 +312,7 @@ class ChunkManager:
     def _read_cached(self, cid: int, where: tuple[ChunkLocation, bytes]) -> bytes | None:
         """_read_verified on the event loop's thread, only from the page cache (None when
         the record is not all there). Uses the one shared buffer: no await in here."""
-        length = where[0].length
-        if len(self._buf) < length:
-            self._buf = bytearray(max(length, 128 * 1024 + RECORD_OVERHEAD + 64))
-        got = self.packs.read_cached(cid, where[0], self._buf)
+        got = self.packs.read_cached(cid, where[0], self._grow_buf(where[0].length))
         if got is None:
             return None
         return self._open(cid, where, got[0], got[1])
@@ -359,6 +357,9 @@ class ChunkManager:
             if self.aead is None and length <= len(out):
                 await self._read_payload_into(cid, where, out[:length])
                 return
+            if self.aead is not None and length - AEAD_OVERHEAD <= len(out):
+                await self._open_into(cid, where, out[:length - AEAD_OVERHEAD])
+                return
             data = await self.get(cid)
         n = min(len(data), len(out))
         with memoryview(data) as mv:
@@ -387,6 +388,45 @@ class ChunkManager:
         if flags & FLAG_ENCRYPTED:
             raise IntegrityError(f"chunk {cid} in {pack_name(where[0].pack)} is encrypted "
                                  "but this repository has no key")
+
+    async def _open_into(self, cid: int, where: tuple[ChunkLocation, bytes],
+                         out: memoryview) -> None:
+        """An encrypted record, decrypted straight into out: read and verified as get()
+        reads (inline from the page cache, else in a worker thread, which decrypts too)."""
+        while True:
+            try:
+                got = self.packs.read_cached(cid, where[0], self._grow_buf(where[0].length))
+                if got is None:
+                    self.reads_thread += 1
+                    await trio.to_thread.run_sync(self._read_open_into, cid, where, out)
+                else:
+                    self.reads_inline += 1
+                    self._open_payload_into(cid, where, got[0], got[1], out)
+                return
+            except IntegrityError:
+                self._where.pop(cid, None)  # moved by the collector meanwhile? (see get)
+                if self.location(cid) == where:
+                    raise
+                where = self.location(cid)
+
+    def _read_open_into(self, cid: int, where: tuple[ChunkLocation, bytes],
+                        out: memoryview) -> None:
+        payload, flags = self.packs.read(cid, where[0])
+        self._open_payload_into(cid, where, payload, flags, out)
+
+    def _open_payload_into(self, cid: int, where: tuple[ChunkLocation, bytes], payload,
+                           flags: int, out: memoryview) -> None:
+        loc, digest = where
+        if not flags & FLAG_ENCRYPTED:
+            raise IntegrityError(f"chunk {cid} is stored unencrypted in an encrypted repository")
+        self.aead.open_into(payload, b"chunk" + digest, f"chunk {cid} in {pack_name(loc.pack)} "
+                            f"at offset {loc.offset}", out)
+
+    def _grow_buf(self, length: int) -> bytearray:
+        """The event loop thread's record buffer, at least length bytes."""
+        if len(self._buf) < length:
+            self._buf = bytearray(max(length, 128 * 1024 + RECORD_OVERHEAD + 64))
+        return self._buf
 
     def get_sync(self, cid: int) -> bytes:
         """get() for callers without trio, in any one thread (never the shared buffer)."""

@@ -233,3 +233,41 @@ def test_shared_between_threads():
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, range(16)))
+
+
+@pytest.mark.parametrize("size", [0, 1, 2047, 2048, 128 * 1024])
+def test_open_into_writes_the_plaintext_in_place(size):
+    """open_into decrypts straight into a slice of a larger buffer (a read reply), with
+    or without the library's decrypt_into."""
+    aead = Aead(bytes(range(32)))
+    plaintext = os.urandom(size)
+    blob = aead.seal(plaintext, b"ctx")
+    reply = bytearray(b"#" * (size + 8))
+    aead.open_into(blob, b"ctx", "thing", memoryview(reply)[4:4 + size])
+    assert reply == b"####" + plaintext + b"####"
+    with pytest.raises(ValueError):
+        aead.open_into(blob, b"ctx", "thing", memoryview(bytearray(size + 1)))
+    with pytest.raises(ValueError):  # padded blobs are not for open_into
+        aead.open_into(aead.seal(b"x", b"ctx", pad_to=16), b"ctx", "thing",
+                       memoryview(bytearray(16)))
+    out = memoryview(bytearray(size))
+    for bad_blob, aad in [(flip(blob, 8 * len(blob) - 1), b"ctx"), (blob, b"other")]:
+        with pytest.raises(IntegrityError, match="thing"):
+            aead.open_into(bad_blob, aad, "thing", out)
+
+
+def test_open_into_without_decrypt_into(monkeypatch):
+    """cryptography before 45 has no decrypt_into: decrypt, then copy."""
+    aead = Aead(bytes(range(32)))
+    blob = aead.seal(b"plaintext", b"ctx")
+
+    class OldGcm:
+        def __init__(self, gcm):
+            self.decrypt = gcm.decrypt
+
+    monkeypatch.setattr(aead, "_gcm", OldGcm(aead._gcm))
+    out = bytearray(9)
+    aead.open_into(blob, b"ctx", "thing", memoryview(out))
+    assert out == b"plaintext"
+    with pytest.raises(IntegrityError):
+        aead.open_into(blob, b"other", "thing", memoryview(out))

@@ -565,8 +565,24 @@ def test_read_into_an_encrypted_chunk(tmp_path):
         out = bytearray(16_384)
         trio.run(fresh.read_into, cid, memoryview(out))
         assert out == payload + bytes(16_384 - 10_000)
+        assert fresh.cache.get(cid) is None  # decrypted in place, not through the cache
+        assert fresh.reads_inline + fresh.reads_thread == 1
+        s.packs.sync()  # the worker-thread path: the pack's pages are dropped first
+        fd = os.open(os.path.join(s.packs.directory, pack_name(1)), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        out2 = bytearray(16_384)
+        trio.run(fresh.read_into, cid, memoryview(out2))
+        assert out2 == out
         plain = s.fresh_manager()
         with pytest.raises(IntegrityError, match="encrypted but this repository has no key"):
             trio.run(plain.read_into, cid, memoryview(bytearray(16_384)))
+        s.damage(cid, at=5000)
+        damaged = s.fresh_manager()
+        damaged.aead = s.cm.aead
+        with pytest.raises(IntegrityError, match=f"chunk {cid}"):
+            trio.run(damaged.read_into, cid, memoryview(bytearray(16_384)))
     finally:
         s.close()
