@@ -864,7 +864,8 @@ class View:
             chunk = self.block(node, idx)
             if not chunk:
                 return bytes(end - offset)
-            data = await self.fs.chunks.get(chunk)
+            # a cache hit needs no coroutine (a few percent of a 4 KiB read's CPU)
+            data = self.fs.chunks.cache.get(chunk) or await self.fs.chunks.get(chunk)
             piece = data[start:end - idx * cs]
             if len(piece) < end - offset:  # beyond the stored (zero-stripped) payload
                 piece += bytes(end - offset - len(piece))
