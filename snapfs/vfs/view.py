@@ -67,6 +67,9 @@ class DirtyChunk:
     frozen: int = 0  # stores reading data right now: a write must thaw (copy) it first
 
 
+SMALL_BUFFER = 32 * 1024  # a new chunk's first write ending here or before gets a small buffer
+
+
 class BufferPool:
     """Chunk-sized bytearrays for dirty buffers, reused instead of allocated.
 
@@ -85,8 +88,16 @@ class BufferPool:
         self.out += 1
         return self._free.pop() if self._free else bytearray(self.size)
 
+    def take_small(self, need: int) -> bytearray:
+        """A buffer for a new chunk whose first write ends at need (at most SMALL_BUFFER):
+        a small file's data costs 4 KiB pages, not a whole chunk. It is counted like a
+        chunk, and replaced by a chunk-sized buffer (fresh) when a write goes beyond it."""
+        self.out += 1
+        return bytearray(-(-need // 4096) * 4096)
+
     def fresh(self) -> bytearray:
-        """A buffer for thawing a frozen chunk (not counted: the chunk was counted)."""
+        """A buffer for thawing a frozen chunk or growing a small one (not counted: the
+        chunk was counted)."""
         return self._free.pop() if self._free else bytearray(self.size)
 
     def give(self, buf: DirtyChunk | None) -> None:
@@ -810,8 +821,11 @@ class View:
         self._touch(node)
         self._mark_dirty(node)
 
-    async def buffer(self, node: Inode, idx: int, *, whole: bool = False) -> DirtyChunk:
-        """The dirty buffer for block idx, loaded from its chunk unless whole is True."""
+    async def buffer(self, node: Inode, idx: int, *, whole: bool = False,
+                     need: int = 0) -> DirtyChunk:
+        """The dirty buffer for block idx, loaded from its chunk unless whole is True.
+        need: where the write about to be made ends in the chunk (0: unknown); a new
+        buffer for a write that ends early is a small one (BufferPool.take_small)."""
         buf = node.buffers.get(idx)
         if buf is not None:
             return buf
@@ -824,6 +838,8 @@ class View:
             content = self.fs.pool.take()
             content[:len(data)] = data
             length = len(data)
+        elif 0 < need <= SMALL_BUFFER and need < self.chunk_size:
+            content, length = self.fs.pool.take_small(need), 0
         else:
             content, length = self.fs.pool.take(), 0
         buf = node.buffers[idx] = DirtyChunk(content, length, 0, time.monotonic(), length == 0)
@@ -832,8 +848,9 @@ class View:
         return buf
 
     def _thaw(self, buf: DirtyChunk) -> None:
-        """A store is hashing and appending buf.data itself (no copy): write into a copy.
-        The old bytearray is left to the store(s) and then to the garbage collector."""
+        """A store is hashing and appending buf.data itself (no copy), or a write goes
+        beyond a small buffer: write into a chunk-sized copy. The old bytearray is left to
+        the store(s) and then to the garbage collector."""
         data = self.fs.pool.fresh()
         with memoryview(buf.data) as old:
             data[:buf.length] = old[:buf.length]
@@ -905,7 +922,7 @@ class View:
         cs = self.chunk_size
         idx, start = divmod(offset, cs)
         buf = node.buffers.get(idx)
-        if buf is not None and start <= buf.length and start + n <= cs:
+        if buf is not None and start <= buf.length and start + n <= len(buf.data):
             # fast path: inside one chunk that is already dirty, no gap before it
             if buf.frozen:
                 self._thaw(buf)
@@ -931,8 +948,8 @@ class View:
             idx, start = divmod(pos, cs)
             stop = min(cs, end - idx * cs)
             whole = start == 0 and (stop == cs or idx * cs >= node.size)
-            buf = await self.buffer(node, idx, whole=whole)
-            if buf.frozen:
+            buf = await self.buffer(node, idx, whole=whole, need=stop)
+            if buf.frozen or stop > len(buf.data):
                 self._thaw(buf)
             if buf.seq and start != buf.length:
                 buf.seq = False

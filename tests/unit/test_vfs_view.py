@@ -10,6 +10,7 @@ import sys
 import tempfile
 
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from unithelpers import CHUNK as CS
@@ -728,3 +729,59 @@ def test_timestamps_come_from_the_coarse_clock_like_the_kernels():
 
     assert time.clock_getres(view_mod._COARSE) >= 1e-4  # a tick, not nanoseconds
     assert abs(view_mod.now_ns() - time.time_ns()) < 1e9
+
+
+@pytest.fixture
+def big_view(tmp_path):
+    """A volume in a repository of 128 KiB chunks (the default), for small buffers."""
+    path = os.path.join(tmp_path, "big")
+    init_repository(path, 128 * 1024)
+    repo = Repository(path, holder="unit test")
+    fs = Filesystem(repo)
+    fs.graph.create_volume("v")
+    fs.cat.commit()
+    yield fs.volume_view("v")
+    repo.close()
+
+
+@trio_test
+async def test_small_files_get_small_buffers_that_grow_when_written_beyond(big_view):
+    """A new chunk whose first write ends early gets a 4 KiB-page buffer, not a 128 KiB
+    one (thousands of small files being written at once); a later write past it moves
+    the data into a chunk-sized buffer, also while a store is reading the small one."""
+    from snapfs.vfs.view import SMALL_BUFFER, store_buffers
+
+    view = big_view
+    pool = view.fs.pool
+    f = mkfile(view, b"small")
+    await view.write(f, 0, b"x" * 1000)
+    assert len(f.buffers[0].data) == 4096 and pool.out == 1
+    await view.write(f, 1000, b"y" * 3000)  # still inside: the fast path
+    assert len(f.buffers[0].data) == 4096
+    g = mkfile(view, b"gap")
+    await view.write(g, 10_000, b"z" * 10)  # a gap before the first write: zeros
+    assert len(g.buffers[0].data) == 12_288
+    assert await read_all(view, g) == bytes(10_000) + b"z" * 10
+    h = mkfile(view, b"big")
+    await view.write(h, 0, b"w" * (SMALL_BUFFER + 1))
+    assert len(h.buffers[0].data) == 128 * 1024
+    # a store reads the small buffer while a write goes beyond it
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store_buffers, view.fs.chunks, [(view, f, 0)])
+        for _ in range(1000):  # until the store has frozen the buffer (it then waits for
+            if f.buffers[0].frozen:  # its hashing thread, at least one scheduling round)
+                break
+            await trio.sleep(0)
+        assert f.buffers[0].frozen
+        await view.write(f, 4000, b"q" * 200)
+    assert len(f.buffers[0].data) == 128 * 1024  # still dirty: written during the store
+    expected = b"x" * 1000 + b"y" * 3000 + b"q" * 200
+    assert await read_all(view, f) == expected
+    await view.flush_data(f)
+    await view.flush_data(g)
+    await view.flush_data(h)
+    assert pool.out == 0 and not f.buffers
+    assert await read_all(view, f) == expected
+    assert await read_all(view, g) == bytes(10_000) + b"z" * 10
+    await view.write(f, 1, b"R")  # a write into the stored small chunk loads it whole
+    assert await read_all(view, f) == expected[:1] + b"R" + expected[2:]
