@@ -31,7 +31,7 @@ import hmac
 import logging
 import os
 from collections import Counter, OrderedDict
-from functools import partial
+from collections.abc import Callable
 
 import trio
 
@@ -321,24 +321,30 @@ class ChunkManager:
         data = self.cache.get(cid)
         if data is not None:
             return data
+        data = await self._read_located(cid, lambda where: self._read_cached(cid, where),
+                                        lambda where: self._read_verified(cid, where))
+        self.cache.put(cid, data)
+        return data
+
+    async def _read_located(self, cid: int, inline: Callable, in_thread: Callable):
+        """inline(where) on the event loop's thread, or, when it returns None (the record
+        is not all in the page cache), in_thread(where) in a worker thread. A record the
+        collector moved meanwhile fails its checks at the old place: it is read again at
+        the new one; any other IntegrityError is damage."""
+        where = self.location(cid)
         while True:
-            where = self.location(cid)
             try:
-                data = self._read_cached(cid, where)
-                if data is None:
+                result = inline(where)
+                if result is None:
                     self.reads_thread += 1
-                    data = await trio.to_thread.run_sync(self._read_verified, cid, where)
-                else:
-                    self.reads_inline += 1
-                break
+                    return await trio.to_thread.run_sync(in_thread, where)
+                self.reads_inline += 1
+                return result
             except IntegrityError:
-                # moved by the collector meanwhile (while in the worker thread): read the
-                # record at its new place; anything else is damage
                 self._where.pop(cid, None)
                 if self.location(cid) == where:
                     raise
-        self.cache.put(cid, data)
-        return data
+                where = self.location(cid)
 
     async def read_into(self, cid: int, out: memoryview) -> None:
         """Copy chunk cid's plaintext from its start into out, which the caller has zeroed:
@@ -358,7 +364,7 @@ class ChunkManager:
                 await self._read_payload_into(cid, where, out[:length])
                 return
             if self.aead is not None and length - AEAD_OVERHEAD <= len(out):
-                await self._open_into(cid, where, out[:length - AEAD_OVERHEAD])
+                await self._open_into(cid, out[:length - AEAD_OVERHEAD])
                 return
             data = await self.get(cid)
         n = min(len(data), len(out))
@@ -367,52 +373,29 @@ class ChunkManager:
 
     async def _read_payload_into(self, cid: int, where: tuple[ChunkLocation, bytes],
                                  out: memoryview) -> None:
-        while True:
-            try:
-                flags = self.packs.read_payload_into(cid, where[0], out, nowait=True)
-                if flags is None:
-                    self.reads_thread += 1
-                    flags = await trio.to_thread.run_sync(
-                        partial(self.packs.read_payload_into, cid, where[0], out, nowait=False))
-                else:
-                    self.reads_inline += 1
-                break
-            except IntegrityError:
-                # moved by the collector meanwhile: read it at its new place, as get() does
-                self._where.pop(cid, None)
-                if self.location(cid) == where:
-                    raise
-                where = self.location(cid)
-                if where[0].length - RECORD_OVERHEAD != len(out):
-                    raise
+        flags = await self._read_located(
+            cid, lambda w: self.packs.read_payload_into(cid, w[0], out, nowait=True),
+            lambda w: self.packs.read_payload_into(cid, w[0], out, nowait=False))
         if flags & FLAG_ENCRYPTED:
             raise IntegrityError(f"chunk {cid} in {pack_name(where[0].pack)} is encrypted "
                                  "but this repository has no key")
 
-    async def _open_into(self, cid: int, where: tuple[ChunkLocation, bytes],
-                         out: memoryview) -> None:
+    async def _open_into(self, cid: int, out: memoryview) -> None:
         """An encrypted record, decrypted straight into out: read and verified as get()
         reads (inline from the page cache, else in a worker thread, which decrypts too)."""
-        while True:
-            try:
-                got = self.packs.read_cached(cid, where[0], self._grow_buf(where[0].length))
-                if got is None:
-                    self.reads_thread += 1
-                    await trio.to_thread.run_sync(self._read_open_into, cid, where, out)
-                else:
-                    self.reads_inline += 1
-                    self._open_payload_into(cid, where, got[0], got[1], out)
-                return
-            except IntegrityError:
-                self._where.pop(cid, None)  # moved by the collector meanwhile? (see get)
-                if self.location(cid) == where:
-                    raise
-                where = self.location(cid)
 
-    def _read_open_into(self, cid: int, where: tuple[ChunkLocation, bytes],
-                        out: memoryview) -> None:
-        payload, flags = self.packs.read(cid, where[0])
-        self._open_payload_into(cid, where, payload, flags, out)
+        def inline(where: tuple[ChunkLocation, bytes]) -> bool | None:
+            got = self.packs.read_cached(cid, where[0], self._grow_buf(where[0].length))
+            if got is None:
+                return None
+            self._open_payload_into(cid, where, got[0], got[1], out)
+            return True
+
+        def in_thread(where: tuple[ChunkLocation, bytes]) -> None:
+            payload, flags = self.packs.read(cid, where[0])
+            self._open_payload_into(cid, where, payload, flags, out)
+
+        await self._read_located(cid, inline, in_thread)
 
     def _open_payload_into(self, cid: int, where: tuple[ChunkLocation, bytes], payload,
                            flags: int, out: memoryview) -> None:

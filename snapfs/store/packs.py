@@ -215,24 +215,28 @@ class PackStore:
         then reads with read(), in a worker thread, which also reports truncation.
         A damaged record raises IntegrityError, as read() does.
         """
-        if not self.nowait:
-            return None
-        fd = self._fd(loc.pack)
         view = memoryview(buf)[:loc.length]
         if len(view) != loc.length:
             raise ValueError("buffer smaller than the record")
-        try:
-            n = os.preadv(fd, (view,), loc.offset, RWF_NOWAIT)
-        except BlockingIOError:
+        if not self._read_nowait(loc, (view,)):
             return None
+        return verify_record(view, chunk_id, loc)
+
+    def _read_nowait(self, loc: ChunkLocation, buffers: tuple) -> bool:
+        """preadv2(RWF_NOWAIT) of a whole record into buffers; False when that would wait
+        for the disk, came back short, or RWF_NOWAIT is not supported here."""
+        if not self.nowait:
+            return False
+        try:
+            n = os.preadv(self._fd(loc.pack), buffers, loc.offset, RWF_NOWAIT)
+        except BlockingIOError:
+            return False
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
             self.nowait = False
-            return None
-        if n != loc.length:
-            return None
-        return verify_record(view, chunk_id, loc)
+            return False
+        return n == loc.length
 
     def read_payload_into(self, chunk_id: int, loc: ChunkLocation, out: memoryview,
                           *, nowait: bool) -> int | None:
@@ -248,23 +252,11 @@ class PackStore:
         if len(out) != loc.length - RECORD_OVERHEAD:
             raise ValueError("out must be exactly the payload's length")
         header = bytearray(RECORD_OVERHEAD)
-        fd = self._fd(loc.pack)
         if nowait:
-            if not self.nowait:
-                return None
-            try:
-                n = os.preadv(fd, (header, out), loc.offset, RWF_NOWAIT)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise
-                self.nowait = False
-                return None
-            if n != loc.length:
+            if not self._read_nowait(loc, (header, out)):
                 return None
         else:
-            n = os.preadv(fd, (header, out), loc.offset)
+            n = os.preadv(self._fd(loc.pack), (header, out), loc.offset)
             if n != loc.length:
                 raise IntegrityError(f"{_where(chunk_id, loc)}: record truncated "
                                      f"({n} of {loc.length} bytes)")

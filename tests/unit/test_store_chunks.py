@@ -451,23 +451,41 @@ def test_location_map_stays_exact_across_compaction(st, monkeypatch):
     assert cm.reads_inline == inline + 3  # no retries, no fallbacks
 
 
-def test_get_retries_when_the_record_moved_under_a_stale_location(st, monkeypatch):
+@pytest.mark.parametrize("encrypted", [False, True])
+@pytest.mark.parametrize("reader", ["get", "read_into"])
+def test_reads_retry_when_the_record_moved_under_a_stale_location(tmp_path, monkeypatch,
+                                                                   reader, encrypted):
     """What a read in a worker thread sees when the collector moves the record meanwhile:
-    the old place is gone; get() reads the new place instead of reporting damage."""
+    the old place is gone; get() and read_into() (large reads, straight into the reply)
+    read the new place instead of reporting damage."""
     from pyroaring import BitMap
 
-    payloads = [os.urandom(20_000) for _ in range(4)]
-    ids = [st.cm.put_sync(p) for p in payloads]
-    cm = ChunkManager(st.cat, st.packs, KEY, cache_bytes=0)
-    for cid in ids:
-        trio.run(cm.get, cid)
-    gc = _collector(st, cm)
-    gc.free(BitMap(ids[:2]))
-    monkeypatch.setattr(cm, "relocated", lambda cid, loc: None)  # the map goes stale
-    trio.run(gc.compact, 0.0)
-    assert cm._where[ids[0]] != cm._lookup(ids[0])
-    assert trio.run(cm.get, ids[0]) == payloads[0]
-    assert cm._where[ids[0]] == cm._lookup(ids[0])
+    from snapfs.crypto.aead import Aead
+
+    st = Store(tmp_path / "s")
+    try:
+        if encrypted:
+            st.cm.aead = Aead(bytes(range(32, 64)))
+        payloads = [os.urandom(20_000) for _ in range(4)]
+        ids = [trio.run(st.cm.put, p) for p in payloads]
+        cm = ChunkManager(st.cat, st.packs, KEY, cache_bytes=0)
+        cm.aead = st.cm.aead
+        for cid in ids:
+            trio.run(cm.get, cid)
+        gc = _collector(st, cm)
+        gc.free(BitMap(ids[:2]))
+        monkeypatch.setattr(cm, "relocated", lambda cid, loc: None)  # the map goes stale
+        trio.run(gc.compact, 0.0)
+        assert cm._where[ids[0]] != cm._lookup(ids[0])
+        if reader == "get":
+            assert trio.run(cm.get, ids[0]) == payloads[0]
+        else:
+            out = bytearray(32_768)
+            trio.run(cm.read_into, ids[0], memoryview(out))
+            assert out == payloads[0] + bytes(32_768 - 20_000)
+        assert cm._where[ids[0]] == cm._lookup(ids[0])
+    finally:
+        st.close()
 
 
 def test_forget_all_drops_every_cached_id(st):
