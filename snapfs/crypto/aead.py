@@ -175,13 +175,14 @@ class Aead:
         plaintext = self._decrypt(self._gcm, header, nonce, body, aad, what)
         return self._maybe_unpad(header, plaintext, what)
 
-    # -- synthetic (deterministic) nonces -------------------------------------------------
     def open_into(self, blob: bytes | bytearray | memoryview, aad: bytes, what: str,
                   out: memoryview) -> None:
         """:meth:`open` of an unpadded blob, the plaintext written into out, which must be
         exactly len(blob) - OVERHEAD bytes (large reads assemble their reply in place).
         On any damage IntegrityError, and out holds garbage that must not be used."""
         header, nonce, body = self._split(blob, what)
+        if header & _MODE_MASK != MODE_RANDOM:
+            raise _failure(what, "not a random-nonce blob")
         if header & FLAG_PADDED or len(out) != len(body) - TAG_SIZE:
             raise ValueError("open_into needs an unpadded blob and an exact output buffer")
         decrypt_into = getattr(self._gcm, "decrypt_into", None)
@@ -193,6 +194,7 @@ class Aead:
         except InvalidTag:
             raise _failure(what) from None
 
+    # -- synthetic (deterministic) nonces -------------------------------------------------
     def seal_det(self, plaintext: bytes, aad: bytes, *, pad_to: int = 0) -> bytes:
         """Deterministic sealing: equal (plaintext, aad, pad_to) give equal blobs, so an
         encrypted name can be looked up by sealing the name being searched for."""

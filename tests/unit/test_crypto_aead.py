@@ -251,6 +251,8 @@ def test_open_into_writes_the_plaintext_in_place(size):
         aead.open_into(aead.seal(b"x", b"ctx", pad_to=16), b"ctx", "thing",
                        memoryview(bytearray(16)))
     out = memoryview(bytearray(size))
+    with pytest.raises(IntegrityError, match="not a random-nonce blob"):
+        aead.open_into(aead.seal_det(plaintext, b"ctx"), b"ctx", "thing", out)
     for bad_blob, aad in [(flip(blob, 8 * len(blob) - 1), b"ctx"), (blob, b"other")]:
         with pytest.raises(IntegrityError, match="thing"):
             aead.open_into(bad_blob, aad, "thing", out)
