@@ -346,15 +346,16 @@ class ChunkManager:
                     raise
                 where = self.location(cid)
 
-    async def read_into(self, cid: int, out: memoryview) -> None:
-        """Copy chunk cid's plaintext from its start into out, which the caller has zeroed:
-        a payload shorter than out (trailing zeros are not stored) leaves the rest alone.
+    async def read_into(self, cid: int, out: memoryview) -> int:
+        """Copy chunk cid's plaintext from its start into out; returns how many bytes were
+        placed: a payload shorter than out (trailing zeros are not stored) leaves the rest
+        of out alone, so a reader zeroes it first.
 
         For large reads, which would otherwise copy each chunk three times (page cache to
-        the record buffer, to a bytes object, into the joined reply): an unencrypted
-        record that out holds whole is read straight into it. It is not cached: a scan
-        larger than the cache would only evict what random readers use (and the kernel
-        keeps the pages of the file it just read).
+        the record buffer, to a bytes object, into the joined reply), and for loading a
+        chunk into a write buffer: a record that out holds whole is read (and decrypted)
+        straight into it. It is not cached: a scan larger than the cache would only evict
+        what random readers use, and a chunk loaded for writing is about to change.
         """
         data = self.cache.get(cid)
         if data is None:
@@ -362,14 +363,15 @@ class ChunkManager:
             length = where[0].length - RECORD_OVERHEAD
             if self.aead is None and length <= len(out):
                 await self._read_payload_into(cid, where, out[:length])
-                return
+                return length
             if self.aead is not None and length - AEAD_OVERHEAD <= len(out):
                 await self._open_into(cid, out[:length - AEAD_OVERHEAD])
-                return
+                return length - AEAD_OVERHEAD
             data = await self.get(cid)
         n = min(len(data), len(out))
         with memoryview(data) as mv:
             out[:n] = mv[:n]
+        return n
 
     async def _read_payload_into(self, cid: int, where: tuple[ChunkLocation, bytes],
                                  out: memoryview) -> None:

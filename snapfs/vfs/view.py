@@ -108,6 +108,12 @@ class BufferPool:
                 and len(buf.data) == self.size):
             self._free.append(buf.data)
 
+    def untake(self, data: bytearray) -> None:
+        """Give back a buffer from take() that never became a dirty chunk."""
+        self.out -= 1
+        if len(self._free) < self.keep and len(data) == self.size:
+            self._free.append(data)
+
     def trim(self, keep: int) -> int:
         """Let go of all but keep free buffers (the oldest go); returns how many went."""
         extra = len(self._free) - keep
@@ -831,13 +837,16 @@ class View:
             return buf
         chunk = self.block(node, idx)
         if chunk and not whole:
-            data = await self.fs.chunks.get(chunk)
+            content = self.fs.pool.take()
+            try:  # straight from the pack (or the cache) into the buffer
+                length = await self.fs.chunks.read_into(chunk, memoryview(content))
+            except BaseException:
+                self.fs.pool.untake(content)
+                raise
             buf = node.buffers.get(idx)  # another writer may have made it meanwhile
             if buf is not None:
+                self.fs.pool.untake(content)
                 return buf
-            content = self.fs.pool.take()
-            content[:len(data)] = data
-            length = len(data)
         elif 0 < need <= SMALL_BUFFER and need < self.chunk_size:
             content, length = self.fs.pool.take_small(need), 0
         else:

@@ -785,3 +785,32 @@ async def test_small_files_get_small_buffers_that_grow_when_written_beyond(big_v
     assert await read_all(view, g) == bytes(10_000) + b"z" * 10
     await view.write(f, 1, b"R")  # a write into the stored small chunk loads it whole
     assert await read_all(view, f) == expected[:1] + b"R" + expected[2:]
+
+
+@trio_test
+async def test_a_write_into_a_stored_chunk_loads_it_without_the_cache(big_view):
+    """The chunk goes from the pack straight into the write buffer: the read cache is left
+    to readers, and two writers racing to load one chunk end with one buffer."""
+    from snapfs.store.chunks import ChunkCache
+
+    view = big_view
+    fs = view.fs
+    f = mkfile(view, b"f")
+    content = bytearray(pattern(128 * 1024 + 5000, seed=4))
+    await view.write(f, 0, bytes(content))
+    await view.flush_data(f)
+    fs.chunks.cache = ChunkCache(fs.chunks.cache.limit)
+    fs.chunks.packs.nowait = False  # every load waits for a worker thread: the race is real
+    assert fs.pool.out == 0
+    async with trio.open_nursery() as nursery:  # both find chunk 0 stored, both load it
+        nursery.start_soon(view.write, f, 10, b"AB")
+        nursery.start_soon(view.write, f, 20, b"CD")
+    content[10:12], content[20:22] = b"AB", b"CD"
+    assert sorted(f.buffers) == [0] and fs.pool.out == 1
+    assert fs.chunks.cache.get(view.block(f, 0)) is None
+    await view.write(f, 128 * 1024 + 4000, b"EF")  # a short stored chunk: its length
+    content[128 * 1024 + 4000:128 * 1024 + 4002] = b"EF"
+    assert f.buffers[1].length == 5000
+    assert await read_all(view, f) == content
+    await view.flush_data(f)
+    assert fs.pool.out == 0 and await read_all(view, f) == content
