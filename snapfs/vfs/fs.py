@@ -340,7 +340,7 @@ class Filesystem:
             await self._background(interval, gc_every)
 
     async def _background(self, interval: float, gc_every: float) -> None:
-        last_gc = self._last_dirty = time.monotonic()
+        last_gc = time.monotonic()
         while True:
             await trio.sleep(interval)
             try:

@@ -101,17 +101,15 @@ class BufferPool:
         return self._free.pop() if self._free else bytearray(self.size)
 
     def give(self, buf: DirtyChunk | None) -> None:
-        if buf is None:
-            return
-        self.out -= 1
-        if (not buf.frozen and len(self._free) < self.keep
-                and len(buf.data) == self.size):
-            self._free.append(buf.data)
+        """A dirty chunk is gone (stored or dropped); its buffer is reused unless a store
+        is still reading it."""
+        if buf is not None:
+            self.untake(None if buf.frozen else buf.data)
 
-    def untake(self, data: bytearray) -> None:
-        """Give back a buffer from take() that never became a dirty chunk."""
+    def untake(self, data: bytearray | None) -> None:
+        """Give back a buffer from take() (None: one that cannot be reused yet)."""
         self.out -= 1
-        if len(self._free) < self.keep and len(data) == self.size:
+        if data is not None and len(self._free) < self.keep and len(data) == self.size:
             self._free.append(data)
 
     def trim(self, keep: int) -> int:
