@@ -38,7 +38,7 @@ from .report import (
     variant_table,
     write_json,
 )
-from .targets import TARGET_NAMES, Target, cleanup_runroot, make_target
+from .targets import TARGET_NAMES, Target, cleanup_runroot, is_target_name, make_target
 from .tree import build_tree
 from .util import (
     GiB,
@@ -81,10 +81,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * factor[m.group(2).lower()])
 
 
-def csv_list(choices: tuple[str, ...] | list[str]) -> Callable[[str], list[str]]:
+def csv_list(choices: tuple[str, ...] | list[str],
+             known: Callable[[str], bool] | None = None) -> Callable[[str], list[str]]:
+    """A comma-separated list of names from choices (or accepted by known)."""
     def parse(text: str) -> list[str]:
         items = [item.strip() for item in text.split(",") if item.strip()]
-        unknown = [item for item in items if item not in choices]
+        unknown = [item for item in items
+                   if item not in choices and not (known and known(item))]
         if unknown:
             raise argparse.ArgumentTypeError(
                 f"unknown: {', '.join(unknown)} (choose from {', '.join(choices)})")
@@ -102,8 +105,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="about two minutes, small sizes")
     mode.add_argument("--smoke", action="store_true",
                       help="seconds, tiny sizes: proves every job and target still runs")
-    p.add_argument("--targets", type=csv_list(TARGET_NAMES), default=list(TARGET_NAMES),
-                   help=f"comma-separated, default {','.join(TARGET_NAMES)}")
+    p.add_argument("--targets", type=csv_list(TARGET_NAMES, is_target_name),
+                   default=list(TARGET_NAMES),
+                   help=f"comma-separated, default {','.join(TARGET_NAMES)}; also "
+                        "snapfs-<N>k: snapfs with N KiB chunks (snapfs-32k, snapfs-64k...)")
     p.add_argument("--jobs", type=csv_list(list(JOBS)), default=list(JOBS),
                    help=f"comma-separated, default all: {','.join(JOBS)}")
     p.add_argument("--repeat", type=int, default=1, help="run everything N times (spread)")

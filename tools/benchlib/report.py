@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -118,6 +119,13 @@ VARIANT_BASE = "snapfs"
 VARIANTS = ("snapfs-enc", "snapfs-history")
 
 
+def variants_of(rows: Sequence[Row]) -> list[str]:
+    """The variants present: the fixed ones, then chunk-size ones (snapfs-64k...)."""
+    names = list(dict.fromkeys(r.target for r in rows))
+    chunked = [n for n in names if re.fullmatch(r"snapfs-[0-9]+k", n)]
+    return [*VARIANTS, *chunked]
+
+
 def variant_rows(rows: Sequence[Row]) -> list[dict[str, object]]:
     """snapfs-enc and snapfs-history against snapfs, metric by metric: the ratio of the
     median rates (above 1.00 is faster) and of the daemon CPU per GiB or per 1k operations
@@ -132,7 +140,7 @@ def variant_rows(rows: Sequence[Row]) -> list[dict[str, object]]:
         entry: dict[str, object] = {"metric": metric, "unit": base.unit,
                                     VARIANT_BASE: base.median}
         found = False
-        for name in VARIANTS:
+        for name in variants_of(rows):
             row = by_key.get((metric, name))
             if row is None or row.median is None:
                 continue
@@ -149,7 +157,8 @@ def variant_rows(rows: Sequence[Row]) -> list[dict[str, object]]:
 
 
 def variant_table(entries: Sequence[dict[str, object]]) -> str:
-    present = [v for v in VARIANTS if any(v in e for e in entries)]
+    present = list(dict.fromkeys(k for e in entries for k in e
+                                 if k not in ("metric", "unit", VARIANT_BASE) and "/" not in k))
     if not entries or not present:
         return ""
     header = ["metric", VARIANT_BASE]

@@ -7,6 +7,8 @@ daemon (for CPU accounting) and always unmounts in ``teardown``:
 - ``passthrough``: tools/passthrough.py (the yardstick) over a directory on that disk.
 - ``snapfs`` / ``snapfs-enc``: a snapfs repository (the latter encrypted), mounted, with
   a writable volume ``bench``; snapshots appear at ``MNT/.snapshots/bench@LABEL``.
+- ``snapfs-<N>k`` (``snapfs-32k``, ``snapfs-64k``...): like ``snapfs``, in a repository
+  initialised with ``--chunk-size <N>K``, to choose the default chunk size by measurement.
 - ``snapfs-history``: like ``snapfs``, but before the jobs the volume gets a long history:
   ``history`` commits (1,000; 20 with --smoke), each after rewriting one small file
   (``history.txt``), committed through the daemon's control socket (``REPO/snapfs.sock``,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -171,14 +174,18 @@ class SnapfsTarget(FuseTarget):
     snapshots = True
     volume = "bench"
 
-    def __init__(self, root: Path, encrypted: bool = False, history: int = 0) -> None:
+    def __init__(self, root: Path, encrypted: bool = False, history: int = 0,
+                 chunk_kib: int | None = None) -> None:
         super().__init__(root)
         self.encrypted = encrypted
         self.history = history  # commits made before the jobs (snapfs-history)
+        self.chunk_kib = chunk_kib  # None: the default of `snapfs init`
         if encrypted:
             self.name = "snapfs-enc"
         elif history:
             self.name = "snapfs-history"
+        elif chunk_kib:
+            self.name = f"snapfs-{chunk_kib}k"
         self.repo = root / "repo"
         self.env = dict(os.environ)
         if encrypted:
@@ -206,6 +213,8 @@ class SnapfsTarget(FuseTarget):
         init_args = []
         if self.encrypted:
             init_args = shlex.split(os.environ.get("SNAPFS_BENCH_ENC_INIT", "--encrypt"))
+        if self.chunk_kib:
+            init_args = ["--chunk-size", f"{self.chunk_kib}K"]
         steps = "snapfs init"
         try:
             self.snapfs("init", *init_args, self.repo, what="snapfs init")
@@ -288,6 +297,20 @@ class SnapfsTarget(FuseTarget):
 
 
 TARGET_NAMES = ("plain", "passthrough", "snapfs", "snapfs-enc", "snapfs-history")
+CHUNK_VARIANT = re.compile(r"snapfs-([0-9]+)k")  # snapfs-64k: a repository of 64 KiB chunks
+
+
+def chunk_variant(name: str) -> int | None:
+    """The chunk size in KiB of a ``snapfs-<N>k`` target name, else None."""
+    m = CHUNK_VARIANT.fullmatch(name)
+    if m is None:
+        return None
+    kib = int(m.group(1))
+    return kib if kib >= 4 and kib & (kib - 1) == 0 else None
+
+
+def is_target_name(name: str) -> bool:
+    return name in TARGET_NAMES or chunk_variant(name) is not None
 
 
 def make_target(name: str, runroot: Path, history: int = 1000) -> Target:
@@ -302,6 +325,8 @@ def make_target(name: str, runroot: Path, history: int = 1000) -> Target:
         return SnapfsTarget(root, encrypted=True)
     if name == "snapfs-history":
         return SnapfsTarget(root, history=max(1, history))
+    if (kib := chunk_variant(name)) is not None:
+        return SnapfsTarget(root, chunk_kib=kib)
     raise ValueError(name)
 
 
