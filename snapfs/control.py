@@ -4,13 +4,24 @@ A command run against a mounted repository is sent as one JSON line to REPO/snap
 and executed by the daemon on its trio thread (so it is atomic with respect to FUSE
 requests); against an unmounted repository the CLI opens the repository itself and runs
 the same function. Either way the answer is a JSON-able dict.
+
+The daemon answers with one JSON line {"ok": ...}, which may be preceded by progress
+lines {"progress": "text"} (an export sends one every 512 chunks; the client prints them
+if it asked for progress). An export is the one long operation that is not atomic: it
+reads an immutable, pinned snapshot in slices of at most SLICE_SECONDS of work, and FUSE
+requests are served between them; a mounted filesystem stays usable while it runs. An
+import authenticates the bundle in a worker thread first, then adds it atomically here.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import tempfile
+import time
+from collections.abc import Callable, Generator
 
 import trio
 
@@ -21,6 +32,8 @@ from snapfs.vfs.diff import diff as snapshot_diff
 from snapfs.vfs.fs import Filesystem
 
 log = logging.getLogger(__name__)
+SLICE_SECONDS = 0.005  # work done by a long operation between two turns of the FUSE loop
+Progress = Callable[[str], None]
 
 
 def view_of(fs: Filesystem, where: str):
@@ -37,7 +50,23 @@ def view_of(fs: Filesystem, where: str):
     return fs.volume_view(parts[0])
 
 
-async def handle(fs: Filesystem, req: dict) -> dict:
+async def run_in_slices(steps: Generator[None, None, dict]) -> dict:
+    """Drive a generator that yields between small steps, giving the trio loop (FUSE
+    requests) a turn after every SLICE_SECONDS of work; its return value is the result."""
+    deadline = time.monotonic() + SLICE_SECONDS
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+        if time.monotonic() >= deadline:
+            await trio.sleep(0)
+            deadline = time.monotonic() + SLICE_SECONDS
+
+
+async def handle(fs: Filesystem, req: dict, progress: Progress | None = None) -> dict:
+    """Execute one request. progress receives progress lines of long operations (the
+    daemon forwards them to the client); without it they go to stderr if req asks."""
     op = req.get("op")
     g = fs.graph
     if op == "commit":
@@ -82,14 +111,14 @@ async def handle(fs: Filesystem, req: dict) -> dict:
         result.update(fs.collector.report())
         return result
     if op in ("site-key-create", "site-key-import", "site-key-list", "export", "import"):
-        return await _exchange(fs, op, req)
+        return await _exchange(fs, op, req, progress)
     if op == "sync":
         await fs.sync()
         return {}
     raise UsageError(f"unknown operation {op!r}")
 
 
-async def _exchange(fs: Filesystem, op: str, req: dict) -> dict:
+async def _exchange(fs: Filesystem, op: str, req: dict, progress: Progress | None) -> dict:
     from snapfs import exchange
     from snapfs.crypto.sitekeys import read_site_key_file
 
@@ -109,14 +138,23 @@ async def _exchange(fs: Filesystem, op: str, req: dict) -> dict:
         return {"sites": [s for (s,) in fs.cat.execute("SELECT site FROM site_keys ORDER BY 1")]}
     if op == "export":
         await fs.flush_dirty()
+        if progress is None and req.get("progress"):
+            progress = _progress
         with open(req["path"], "wb") as out:
-            summary = exchange.export(fs, req["snapshot"], req.get("since"), req["site"], out,
-                                      progress=req.get("progress") and _progress)
+            summary = await run_in_slices(exchange.export_steps(
+                fs, req["snapshot"], req.get("since"), req["site"], out, progress))
             out.flush()
             os.fsync(out.fileno())
         return summary
-    await fs.commit_catalog(durable=False)  # import runs in its own transaction
-    return exchange.import_bundle(fs, req["path"])
+    # The bundle is authenticated in a worker thread (reading and decrypting all of it
+    # takes seconds per GiB); adding it stays one transaction on this thread.
+    with tempfile.TemporaryFile(dir=fs.repo.paths.root) as spool:
+        def lookup(site: str):
+            return trio.from_thread.run_sync(exchange.site_key, fs, site)
+        bundle_id = await trio.to_thread.run_sync(exchange.verify_into, req["path"], spool,
+                                                  lookup)
+        await fs.commit_catalog(durable=False)  # import runs in its own transaction
+        return exchange.apply_verified(fs, spool, bundle_id)
 
 
 def _progress(line: str) -> None:
@@ -167,22 +205,43 @@ async def _serve_one(fs: Filesystem, stream: trio.SocketStream) -> None:
             if not data:
                 return
             buf += data
-        try:
-            req = json.loads(buf)
-            reply = {"ok": True, "result": await handle(fs, req)}
-        except SnapfsError as e:
-            reply = {"ok": False, "error": str(e), "type": type(e).__name__,
-                     "exit_code": e.exit_code}
-        except (KeyError, ValueError) as e:
-            reply = {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
-        except Exception as e:
-            log.exception("control request failed")
-            reply = {"ok": False, "error": f"internal error: {e}", "exit_code": 1}
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[str](math.inf)
+            nursery.start_soon(_forward_progress, stream, receive)
+            with send:
+                reply = await _reply(fs, buf, send.send_nowait)
         await stream.send_all(json.dumps(reply).encode() + b"\n")
 
 
-def call(sock_path: str, req: dict, timeout: float = 600.0) -> dict:
-    """Send one request to a running daemon (blocking; for the CLI)."""
+async def _forward_progress(stream: trio.SocketStream,
+                            receive: trio.MemoryReceiveChannel[str]) -> None:
+    """Progress lines go out as they come; a client that went away only loses them."""
+    async with receive:
+        async for line in receive:
+            try:
+                await stream.send_all(json.dumps({"progress": line}).encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+async def _reply(fs: Filesystem, buf: bytes, progress: Progress) -> dict:
+    try:
+        req = json.loads(buf)
+        return {"ok": True, "result": await handle(fs, req, progress)}
+    except SnapfsError as e:
+        return {"ok": False, "error": str(e), "type": type(e).__name__,
+                "exit_code": e.exit_code}
+    except (KeyError, ValueError) as e:
+        return {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
+    except Exception as e:
+        log.exception("control request failed")
+        return {"ok": False, "error": f"internal error: {e}", "exit_code": 1}
+
+
+def call(sock_path: str, req: dict, timeout: float = 600.0,
+         progress: Progress | None = None) -> dict:
+    """Send one request to a running daemon (blocking; for the CLI). timeout bounds the
+    wait for each line of the answer; progress lines go to progress."""
     import socket
 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -190,21 +249,31 @@ def call(sock_path: str, req: dict, timeout: float = 600.0) -> dict:
     try:
         s.connect(sock_path)
         s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            data = s.recv(1 << 20)
-            if not data:
-                raise DaemonError("the snapfs daemon closed the connection without answering; "
-                                  "see its log (REPO/snapfs.log)")
-            buf += data
+        reply = _receive_reply(s, progress)
     finally:
         s.close()
-    reply = json.loads(buf)
     if not reply["ok"]:
         err = SnapfsError(reply["error"])
         err.exit_code = reply.get("exit_code", 1)
         raise err
     return reply["result"]
+
+
+def _receive_reply(s, progress: Progress | None) -> dict:
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            data = s.recv(1 << 20)
+            if not data:
+                raise DaemonError("the snapfs daemon closed the connection without answering; "
+                                  "see its log (REPO/snapfs.log)")
+            buf += data
+        line, buf = buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if "progress" not in msg:
+            return msg
+        if progress is not None:
+            progress(msg["progress"])
 
 
 def daemon_alive(sock_path: str) -> bool:

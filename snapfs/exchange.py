@@ -36,7 +36,7 @@ import tempfile
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import BinaryIO
 
 from pyroaring import BitMap
@@ -203,10 +203,27 @@ def _place_in(view: View, chunk: int) -> tuple[int, int] | None:
     return None
 
 
-def export(fs: Filesystem, snapshot: str, since: str | None, site: str, out: BinaryIO,
-           progress: Callable[[str], None] | None = None) -> dict:
+def export_steps(fs: Filesystem, snapshot: str, since: str | None, site: str,
+                 out: BinaryIO, progress: Callable[[str], None] | None = None,
+                 ) -> Generator[None, None, dict]:
+    """Write the bundle of snapshot (its changes since an ancestor) for site to out, in
+    steps of about one chunk each: the daemon serves FUSE requests between them
+    (control.run_in_slices); the generator's return value is the summary. The snapshot
+    is immutable, and pinned against deletion until the generator ends; chunks the
+    collector moves meanwhile are found again by ChunkManager's retry after a relocation."""
     g = fs.graph
     snap = g.snapshot(snapshot)
+    fs.pin(snap.id)
+    try:
+        return (yield from _export(fs, snap, since, site, out, progress))
+    finally:
+        fs.unpin(snap.id)
+
+
+def _export(fs: Filesystem, snap: Vertex, since: str | None, site: str, out: BinaryIO,
+            progress: Callable[[str], None] | None) -> Generator[None, None, dict]:
+    g = fs.graph
+    snapshot = snap.name
     base = g.snapshot(since) if since else None
     if base is not None and base.id not in g.chain(snap.id):
         raise UsageError(f"--since {since} is not an ancestor of {snapshot}: an incremental "
@@ -219,7 +236,9 @@ def export(fs: Filesystem, snapshot: str, since: str | None, site: str, out: Bin
     delta: dict[int, int] = {}  # source chunk id -> index in the bundle
     block_rows = []
     live = _live_inodes(view, {ino for ino, _, _ in rows.blocks})
-    for ino, idx, chunk in rows.blocks:
+    for i, (ino, idx, chunk) in enumerate(rows.blocks):
+        if i % 256 == 255:
+            yield
         if ino not in live:
             continue  # a deleted file: its tombstone is enough
         if not chunk:
@@ -241,6 +260,7 @@ def export(fs: Filesystem, snapshot: str, since: str | None, site: str, out: Bin
     sent = 0
     started = time.monotonic()
     for chunk, n in sorted(delta.items(), key=lambda kv: kv[1]):
+        yield
         payload = fs.chunks.get_sync(chunk)
         writer.write_record(b"C" + U64.pack(n) + payload)
         sent += len(payload)
@@ -252,6 +272,7 @@ def export(fs: Filesystem, snapshot: str, since: str | None, site: str, out: Bin
                         ("blocks", block_rows), ("xattrs", rows.xattrs)):
         for i in range(0, len(items), ROWS_PER_RECORD):
             writer.write_record(b"R" + json.dumps({kind: items[i:i + ROWS_PER_RECORD]}).encode())
+            yield
     summary = {"snapshot": snapshot, "base": since, "chunks": len(delta), "chunk_bytes": sent,
                "inodes": len(rows.inodes), "blocks": len(block_rows)}
     writer.close(json.dumps(summary).encode())
@@ -271,29 +292,31 @@ def _uuid_of(fs: Filesystem, v: Vertex) -> str:
 
 
 # -- import -------------------------------------------------------------------------------------
-def import_bundle(fs: Filesystem, path: str) -> dict:
-    """Verify the whole bundle, then add its snapshot in one transaction."""
-    def lookup(site: str) -> SiteKey:
-        return site_key(fs, site)
+def verify_into(path: str, spool: BinaryIO, lookup: Callable[[str], SiteKey]) -> str:
+    """Import, first step: authenticate the whole bundle at path while copying it to
+    spool (a pipe can be read once); its id. Touches
+    nothing of the repository but lookup, so the daemon runs it in a worker thread."""
+    with open(path, "rb") as f:
+        return verify_all(f, lookup, copy_to=spool).hex()
 
-    with tempfile.TemporaryFile(dir=fs.repo.paths.root) as spool:
-        with open(path, "rb") as f:
-            bundle_id = verify_all(f, lookup, copy_to=spool).hex()
-        done = fs.cat.execute("SELECT vertex FROM imports WHERE bundle=?",
-                              (bundle_id,)).fetchone()
-        if done is not None:
-            v = fs.graph.vertices.get(done[0])
-            return {"snapshot": v.name if v else None, "already_imported": True}
-        spool.seek(0)
-        reader = BundleReader(spool, lookup)
-        try:
-            result = _apply(fs, iter(reader), bundle_id)
-        except BaseException:
-            fs.cat.rollback()
-            fs.chunks.forget_all()  # the rolled-back chunk ids may be handed out again
-            fs.graph.reload()
-            raise
-    return result
+
+def apply_verified(fs: Filesystem, spool: BinaryIO, bundle_id: str) -> dict:
+    """Import, second step: add the snapshot of a spooled, verified bundle (unless it was
+    imported before), all in one catalog transaction."""
+    done = fs.cat.execute("SELECT vertex FROM imports WHERE bundle=?",
+                          (bundle_id,)).fetchone()
+    if done is not None:
+        v = fs.graph.vertices.get(done[0])
+        return {"snapshot": v.name if v else None, "already_imported": True}
+    spool.seek(0)
+    reader = BundleReader(spool, lambda site: site_key(fs, site))
+    try:
+        return _apply(fs, iter(reader), bundle_id)
+    except BaseException:
+        fs.cat.rollback()
+        fs.chunks.forget_all()  # the rolled-back chunk ids may be handed out again
+        fs.graph.reload()
+        raise
 
 
 def _apply(fs: Filesystem, records, bundle_id: str) -> dict:

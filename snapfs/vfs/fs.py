@@ -26,6 +26,7 @@ import heapq
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import trio
@@ -105,6 +106,7 @@ class Filesystem:
         self.extra_stats: dict[str, Callable[[], dict]] = {}
         self.collector = Collector(self.cat, repo.packs, self.chunks)
         self.gc_requested = False  # set after deletions: the next background pass collects
+        self._pins: Counter[int] = Counter()  # snapshots being exported: not deletable
         self.checkpoint_bytes = CHECKPOINT_BYTES
         self._checkpoint_wanted = trio.Event()
         self.checkpoints = 0
@@ -414,9 +416,22 @@ class Filesystem:
         if busy:
             raise Refused(f"{what} has {len(busy)} open file(s): close them first", errno=16)
 
+    def pin(self, vertex: int) -> None:
+        """Keep a snapshot from being deleted while a long operation (an export served
+        in slices between FUSE requests) reads it."""
+        self._pins[vertex] += 1
+
+    def unpin(self, vertex: int) -> None:
+        self._pins[vertex] -= 1
+        if self._pins[vertex] <= 0:
+            del self._pins[vertex]
+
     async def delete_snapshot(self, name: str, *, force: bool = False) -> None:
         """Delete a snapshot (re-parenting its children) and collect what it freed."""
         snap = self.graph.snapshot(name)
+        if self._pins.get(snap.id):
+            raise Refused(f"snapshot {name} is being exported: delete it when the export "
+                          "is done", errno=16)
         view = self.snapshot_views.get(snap.id)
         self._check_unused(view, f"snapshot {name} (under .snapshots/{name})")
         draft = self.graph.snapshot_drafts.get(snap.id)

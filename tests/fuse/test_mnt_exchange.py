@@ -554,8 +554,6 @@ def _on_a_terminal(m, *args) -> str:
     return shown.decode(errors="replace")
 
 
-@pytest.mark.xfail(strict=True, reason="known limit: an export run by the daemon (mounted "
-                   "repository) shows no progress; the control protocol returns one answer")
 def test_long_exports_show_progress(repos, tmp_path):
     """'Progress is shown on long exports' (issue 4), on a terminal, whether the
     repository is unmounted (the command does the work) or mounted (the daemon does)."""
@@ -568,3 +566,35 @@ def test_long_exports_show_progress(repos, tmp_path):
     progress = re.compile(r"exported \d+/\d+ chunks")
     assert progress.search(unmounted), f"no progress when unmounted: {unmounted!r}"
     assert progress.search(mounted), f"no progress through the daemon: {mounted!r}"
+
+
+def test_a_mounted_export_streams_progress_and_keeps_the_mount_usable(repos, tmp_path):
+    """Through the daemon an export sends its progress lines ahead of its answer, and the
+    mount answers reads and control requests while the client waits (the slicing itself,
+    and the pin against deleting the snapshot, are shown deterministically by the unit
+    test test_an_export_runs_in_slices_and_pins_its_snapshot)."""
+    from snapfs import control
+
+    home = _home_with_base(repos, big_files=9, big_size=8 * MiB)  # 600 chunks of 128 KiB
+    added = read_bytes(home.vol / "added")
+    sock = os.fspath(home.repo / "snapfs.sock")
+    seen: list[str] = []
+    during: dict[str, object] = {}
+
+    def on_progress(line: str) -> None:
+        seen.append(line)
+        during["read"] = read_bytes(home.vol / "added") == added
+        during["list"] = control.call(sock, {"op": "snapshot-list"}, timeout=60)
+
+    res = control.call(sock, {"op": "export", "snapshot": "vol@base", "since": None,
+                              "site": SITE, "path": os.fspath(tmp_path / "a.bundle")},
+                       progress=on_progress, timeout=300)
+    assert len(seen) == 1 and re.match(r"exported 512/\d+ chunks, \d+ MiB", seen[0]), seen
+    assert during["read"] is True
+    assert "vol@base" in {s["name"] for s in during["list"]["snapshots"]}  # type: ignore[index]
+    assert res["chunks"] >= 576
+    site = _site(repos, home)
+    site.run_cli("import", tmp_path / "a.bundle", site.repo)
+    site.mount()
+    assert rsync_diff(home.mnt / ".snapshots" / "vol@base",
+                      site.mnt / ".snapshots" / "vol@base") == ""

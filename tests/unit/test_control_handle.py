@@ -157,3 +157,45 @@ async def test_diff(fs):
 async def test_unknown_operation(fs):
     with pytest.raises(UsageError, match="unknown operation"):
         await call(fs, op="explode")
+
+
+@trio_test
+async def test_an_export_runs_in_slices_and_pins_its_snapshot(fs, tmp_path, monkeypatch):
+    """A long export gives other tasks (FUSE requests, control requests) turns between
+    its slices, sends its progress lines to the callback, and keeps its snapshot from
+    being deleted until it ends."""
+    import trio
+
+    from snapfs.errors import Refused
+
+    monkeypatch.setattr(control, "SLICE_SECONDS", 0.0)  # a turn after every step
+    await call(fs, op="volume-create", name="v")
+    view = fs.volume_view("v")
+    await write_file(view, b"f", b"".join(pattern(CS, seed=i) for i in range(1100)))
+    await call(fs, op="commit", where="v", label="s")
+    await call(fs, op="site-key-create", site="far", path=str(tmp_path / "far.key"))
+    lines: list[str] = []
+    turns = {"while exporting": 0}
+    refusals: list[str] = []
+    exporting = True
+
+    async def other_requests() -> None:
+        while exporting:
+            turns["while exporting"] += 1
+            if lines and not refusals:  # half-way through: try to delete the snapshot
+                with pytest.raises(Refused, match="being exported") as refused:
+                    await call(fs, op="snapshot-delete", name="v@s")
+                refusals.append(str(refused.value))
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_requests)
+        res = await control.handle(fs, {"op": "export", "snapshot": "v@s", "since": None,
+                                        "site": "far", "path": str(tmp_path / "b")},
+                                   lines.append)
+        exporting = False
+    assert res["chunks"] == 1100
+    assert lines == ["exported 512/1100 chunks" + lines[0].split("chunks", 1)[1],
+                     "exported 1024/1100 chunks" + lines[1].split("chunks", 1)[1]]
+    assert turns["while exporting"] > 1100 and refusals
+    await call(fs, op="snapshot-delete", name="v@s")  # unpinned once it ended
