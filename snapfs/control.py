@@ -15,13 +15,15 @@ import authenticates the bundle in a worker thread first, then adds it atomicall
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
+from typing import BinaryIO
 
 import trio
 
@@ -140,12 +142,9 @@ async def _exchange(fs: Filesystem, op: str, req: dict, progress: Progress | Non
         await fs.flush_dirty()
         if progress is None and req.get("progress"):
             progress = _progress
-        with open(req["path"], "wb") as out:
-            summary = await run_in_slices(exchange.export_steps(
+        with _replacing(req["path"]) as out:
+            return await run_in_slices(exchange.export_steps(
                 fs, req["snapshot"], req.get("since"), req["site"], out, progress))
-            out.flush()
-            os.fsync(out.fileno())
-        return summary
     # The bundle is authenticated in a worker thread (reading and decrypting all of it
     # takes seconds per GiB); adding it stays one transaction on this thread.
     with tempfile.TemporaryFile(dir=fs.repo.paths.root) as spool:
@@ -155,6 +154,39 @@ async def _exchange(fs: Filesystem, op: str, req: dict, progress: Progress | Non
                                                   lookup)
         await fs.commit_catalog(durable=False)  # import runs in its own transaction
         return exchange.apply_verified(fs, spool, bundle_id)
+
+
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[BinaryIO]:
+    """A file that replaces path only once it is complete and synced: a failed export
+    (a wrong site name, a full disk) leaves a bundle that was already there untouched.
+    A path that is not a regular file (a pipe, /dev/null) is written in place."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "wb") as out:
+            yield out
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".snapfs-export-", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for a moment
+    under the worker threads that create pack files)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _progress(line: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from unithelpers import CHUNK as CS
@@ -199,3 +200,30 @@ async def test_an_export_runs_in_slices_and_pins_its_snapshot(fs, tmp_path, monk
                      "exported 1024/1100 chunks" + lines[1].split("chunks", 1)[1]]
     assert turns["while exporting"] > 1100 and refusals
     await call(fs, op="snapshot-delete", name="v@s")  # unpinned once it ended
+
+
+@trio_test
+async def test_a_failed_export_leaves_the_bundle_that_was_there(fs, tmp_path):
+    """The bundle is written beside its path and renamed over it only when complete: a
+    wrong site name (found after the output is opened) must not truncate a good bundle."""
+    await call(fs, op="volume-create", name="v")
+    await write_file(fs.volume_view("v"), b"f", A)
+    await call(fs, op="commit", where="v", label="s")
+    await call(fs, op="site-key-create", site="far", path=str(tmp_path / "far.key"))
+    out = tmp_path / "out.bundle"
+    out.write_bytes(b"an earlier, good bundle")
+    with pytest.raises(NotFound):
+        await call(fs, op="export", snapshot="v@s", site="nowhere", path=str(out))
+    assert out.read_bytes() == b"an earlier, good bundle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["far.key", "out.bundle", "repo"]
+    res = await call(fs, op="export", snapshot="v@s", site="far", path=str(out))
+    assert out.stat().st_size == res["bundle_bytes"]
+    assert out.stat().st_mode & 0o777 == 0o644 & ~_umask()
+    null = await call(fs, op="export", snapshot="v@s", site="far", path="/dev/null")
+    assert null["bundle_bytes"] == res["bundle_bytes"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
