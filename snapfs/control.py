@@ -230,6 +230,17 @@ async def serve(fs: Filesystem, sock_path: str) -> None:
 
 
 async def _serve_one(fs: Filesystem, stream: trio.SocketStream) -> None:
+    """One connection. A client that goes away (Ctrl-C on a command) must cost nothing
+    but its answer: an error escaping here would end the daemon's nursery, and the mount."""
+    try:
+        await _converse(fs, stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        log.info("a control client went away before its answer")
+    except Exception:
+        log.exception("control connection failed")
+
+
+async def _converse(fs: Filesystem, stream: trio.SocketStream) -> None:
     async with stream:
         buf = b""
         while not buf.endswith(b"\n"):

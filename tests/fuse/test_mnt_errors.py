@@ -152,3 +152,23 @@ def test_sigusr1_writes_thread_stacks_to_the_log(mount, vd):
     assert "most recent call first" in text and "daemon.py" in text, text
     write_bytes(vd / "after", b"still serving")
     assert (vd / "after").read_bytes() == b"still serving"
+
+
+@pytest.mark.snapfs_only
+def test_a_command_killed_before_its_answer_leaves_the_daemon_serving(mount, vd):
+    """A client that closes the control socket before the answer (Ctrl-C on `snapfs
+    stats`) used to end the daemon: sending the answer raised in its nursery."""
+    import json
+    import socket
+    import time
+
+    write_bytes(vd / "before", b"x" * 300_000)
+    for op in ({"op": "stats"}, {"op": "snapshot-list"}, {"op": "gc"}):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(os.fspath(mount.repo / "snapfs.sock"))
+        s.sendall(json.dumps(op).encode() + b"\n")
+        s.close()
+    time.sleep(1)  # the daemon answers into closed sockets meanwhile
+    write_bytes(vd / "after", b"still serving")
+    assert (vd / "after").read_bytes() == b"still serving"
+    assert "snapshots" in mount.run_cli("-C", mount.mnt, "stats", "--json").stdout
