@@ -230,6 +230,8 @@ async def _auto_commit(fs: Filesystem, every: float) -> None:
                     await fs.commit(view, None)
                 except SnapfsError as e:
                     log.warning("automatic commit of %s failed: %s", name, e)
+                except Exception:  # a full disk, say: the mount stays up, the next turn retries
+                    log.exception("automatic commit of %s failed; will retry", name)
 
 
 def _has_rows(fs: Filesystem, vid: int) -> bool:
