@@ -160,7 +160,9 @@ async def _exchange(fs: Filesystem, op: str, req: dict, progress: Progress | Non
 def _replacing(path: str) -> Iterator[BinaryIO]:
     """A file that replaces path only once it is complete and synced: a failed export
     (a wrong site name, a full disk) leaves a bundle that was already there untouched.
-    A path that is not a regular file (a pipe, /dev/null) is written in place."""
+    A path that is not a regular file (a pipe, /dev/null) is written in place; a symbolic
+    link is followed (the file it names is replaced, the link stays)."""
+    path = os.path.realpath(path)
     if os.path.exists(path) and not os.path.isfile(path):
         with open(path, "wb") as out:
             yield out

@@ -221,6 +221,13 @@ async def test_a_failed_export_leaves_the_bundle_that_was_there(fs, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o644 & ~_umask()
     null = await call(fs, op="export", snapshot="v@s", site="far", path="/dev/null")
     assert null["bundle_bytes"] == res["bundle_bytes"]
+    link = tmp_path / "link.bundle"
+    link.symlink_to(out)
+    out.write_bytes(b"")
+    await call(fs, op="export", snapshot="v@s", site="far", path=str(link))
+    assert link.is_symlink() and out.stat().st_size == res["bundle_bytes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "far.key", "link.bundle", "out.bundle", "repo"]  # no temporary file left
 
 
 def _umask() -> int:
