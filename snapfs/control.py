@@ -146,14 +146,14 @@ async def _exchange(fs: Filesystem, op: str, req: dict, progress: Progress | Non
             return await run_in_slices(exchange.export_steps(
                 fs, req["snapshot"], req.get("since"), req["site"], out, progress))
     # The bundle is authenticated in a worker thread (reading and decrypting all of it
-    # takes seconds per GiB); adding it stays one transaction on this thread.
+    # takes seconds per GiB); its chunks are stored between FUSE requests, and the
+    # snapshot is added in one transaction (exchange.apply_verified).
     with tempfile.TemporaryFile(dir=fs.repo.paths.root) as spool:
         def lookup(site: str):
             return trio.from_thread.run_sync(exchange.site_key, fs, site)
         bundle_id = await trio.to_thread.run_sync(exchange.verify_into, req["path"], spool,
                                                   lookup)
-        await fs.commit_catalog(durable=False)  # import runs in its own transaction
-        return exchange.apply_verified(fs, spool, bundle_id)
+        return await exchange.apply_verified(fs, spool, bundle_id)
 
 
 @contextlib.contextmanager

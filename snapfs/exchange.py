@@ -19,9 +19,10 @@ chunk record. Inode numbers travel unchanged: they are unique along every chain.
 
 Import verifies the whole bundle (spooled to a file first) before it changes anything,
 refuses a bundle whose base it lacks (naming it), a bundle from itself, and a second
-import of the same bundle (a no-op). Everything is added in one catalog transaction
-after the new pack records are synced: a kill in the middle leaves the repository as it
-was, plus unreferenced records for the collector.
+import of the same bundle (a no-op). The bundle's chunks are stored first, in batches,
+without keeping their data in memory; then the snapshot and all its rows are added in
+one catalog transaction after the new pack records are synced: a kill in the middle
+leaves the repository as it was, plus unreferenced chunks for the collector.
 """
 
 from __future__ import annotations
@@ -300,31 +301,77 @@ def verify_into(path: str, spool: BinaryIO, lookup: Callable[[str], SiteKey]) ->
         return verify_all(f, lookup, copy_to=spool).hex()
 
 
-def apply_verified(fs: Filesystem, spool: BinaryIO, bundle_id: str) -> dict:
+async def apply_verified(fs: Filesystem, spool: BinaryIO, bundle_id: str) -> dict:
     """Import, second step: add the snapshot of a spooled, verified bundle (unless it was
-    imported before), all in one catalog transaction."""
+    imported before).
+
+    The chunks are stored first, a batch at a time (hashing, encryption and pack writes in
+    worker threads; the daemon serves FUSE requests meanwhile), and stay pinned against
+    the collector; only their ids are kept in memory, not the bundle's data. Then the
+    vertex and all its rows are added in one catalog transaction, without an await, after
+    the new records are synced. If anything fails or the process dies before that
+    transaction commits, the stored chunks are unreferenced garbage for the collector and
+    the repository is otherwise as it was."""
     done = fs.cat.execute("SELECT vertex FROM imports WHERE bundle=?",
                           (bundle_id,)).fetchone()
     if done is not None:
         v = fs.graph.vertices.get(done[0])
         return {"snapshot": v.name if v else None, "already_imported": True}
     spool.seek(0)
-    reader = BundleReader(spool, lambda site: site_key(fs, site))
-    try:
-        return _apply(fs, iter(reader), bundle_id)
-    except BaseException:
-        fs.cat.rollback()
-        fs.chunks.forget_all()  # the rolled-back chunk ids may be handed out again
-        fs.graph.reload()
-        raise
-
-
-def _apply(fs: Filesystem, records, bundle_id: str) -> dict:
-    g, cat = fs.graph, fs.cat
+    records = iter(BundleReader(spool, lambda site: site_key(fs, site)))
     first = next(records, None)
     if not first or first[:1] != b"H":
         raise FormatError("bundle has no header record")
     header = json.loads(first[1:])
+    _check_header(fs, header)  # fail before storing anything
+    ids: dict[int, int] = {}  # chunk record n -> chunk id (pinned; 0 for a hole)
+    try:
+        rows = await _store_chunks(fs, records, ids)
+        await fs.commit_catalog(durable=False)  # syncs the packs; the rows begin afresh
+        try:
+            return _add_snapshot(fs, header, rows, ids, bundle_id)
+        except BaseException:
+            fs.cat.rollback()  # only _add_snapshot's writes: it does not await
+            fs.graph.reload()
+            raise
+    finally:
+        fs.chunks.unpin([cid for cid in ids.values() if cid])
+
+
+IMPORT_BATCH = 64  # chunk records stored with one put_many
+
+
+async def _store_chunks(fs: Filesystem, records, ids: dict[int, int]) -> dict[str, list]:
+    """Store the bundle's chunk records in batches; collect its rows."""
+    rows: dict[str, list] = {"inodes": [], "dirents": [], "blocks": [], "xattrs": []}
+    batch: list[tuple[int, bytes]] = []
+
+    async def flush() -> None:
+        stored = [(n, p) for n, p in batch if p]
+        ids.update((n, 0) for n, p in batch if not p)
+        batch.clear()
+        if stored:
+            new = await fs.chunks.put_many([p for _, p in stored])
+            ids.update(zip((n for n, _ in stored), new, strict=True))
+
+    for rec in records:
+        if rec[:1] == b"C":
+            (n,) = U64.unpack_from(rec, 1)
+            batch.append((n, bytes(rec[9:])))
+            if len(batch) >= IMPORT_BATCH:
+                await flush()
+        elif rec[:1] == b"R":
+            for kind, items in json.loads(rec[1:]).items():
+                rows[kind].extend(items)
+        else:
+            raise FormatError("unknown record in bundle")
+    await flush()
+    return rows
+
+
+def _check_header(fs: Filesystem, header: dict) -> int | None:
+    """Refuse a bundle this repository cannot take; the id of its base vertex here."""
+    g, cat = fs.graph, fs.cat
     if header.get("kind") != BUNDLE_KIND or header.get("version") != 1:
         raise FormatError("not a snapfs bundle of a version this snapfs reads")
     if header["source_repo"] == fs.repo.config.repo_id:
@@ -339,28 +386,24 @@ def _apply(fs: Filesystem, records, bundle_id: str) -> dict:
     name = f"{snap['volume']}@{snap['label']}"
     if name in g.by_name:
         raise AlreadyExists(f"a different snapshot named {name} exists here")
-    parent = None
-    if header["base"] is not None:
-        row = cat.execute("SELECT id FROM vertices WHERE uuid=?",
-                          (header["base"]["uuid"],)).fetchone()
-        if row is None:
-            raise NotFound(f"this repository lacks the bundle's base snapshot "
-                           f"{header['base']['name']}: import that first")
-        parent = row[0]
-    payloads: dict[int, bytes] = {}
-    rows: dict[str, list] = {"inodes": [], "dirents": [], "blocks": [], "xattrs": []}
-    for rec in records:
-        if rec[:1] == b"C":
-            (n,) = U64.unpack_from(rec, 1)
-            payloads[n] = bytes(rec[9:])
-        elif rec[:1] == b"R":
-            for kind, items in json.loads(rec[1:]).items():
-                rows[kind].extend(items)
-        else:
-            raise FormatError("unknown record in bundle")
-    # new chunks first: stored and synced before any row references them
-    ids = {n: (fs.chunks.put_sync(p) if p else 0) for n, p in payloads.items()}
-    fs.repo.packs.sync()
+    if header["base"] is None:
+        return None
+    row = cat.execute("SELECT id FROM vertices WHERE uuid=?",
+                      (header["base"]["uuid"],)).fetchone()
+    if row is None:
+        raise NotFound(f"this repository lacks the bundle's base snapshot "
+                       f"{header['base']['name']}: import that first")
+    return row[0]
+
+
+def _add_snapshot(fs: Filesystem, header: dict, rows: dict[str, list], ids: dict[int, int],
+                  bundle_id: str) -> dict:
+    """The vertex and its rows, in one transaction (no await: atomic for the daemon).
+    The header is checked again: the repository may have changed while chunks were
+    stored (another import of the same snapshot, a deleted base)."""
+    g, cat = fs.graph, fs.cat
+    parent = _check_header(fs, header)
+    snap = header["snapshot"]
     v = g.add_imported(parent, snap["volume"], snap["label"], snap["created"], snap["uuid"])
     meta, pv = fs.meta, PinnedView(fs, parent) if parent is not None else None
     for r in rows["inodes"]:
@@ -391,9 +434,9 @@ def _apply(fs: Filesystem, records, bundle_id: str) -> dict:
     cat.write("INSERT INTO imports VALUES (?,?,?)", (bundle_id, v.id, time.time()))
     cat.commit()
     cat.sync_wal()
-    log.info("imported %s (delta %d chunks, %d new)", v.name, v.delta, len(payloads))
+    log.info("imported %s (delta %d chunks, %d new)", v.name, v.delta, len(ids))
     return {"snapshot": v.name, "parent": g.vertices[parent].name if parent else None,
-            "delta": v.delta, "chunks_received": len(payloads)}
+            "delta": v.delta, "chunks_received": len(ids)}
 
 
 def _account(fs: Filesystem, v: Vertex) -> None:

@@ -234,3 +234,81 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+@trio_test
+async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snapshot_at_once(
+        fs, tmp_path, monkeypatch):
+    """Import: the chunks go in batches through put_many (other tasks run between them),
+    the snapshot appears only with all its rows, and a failure after the chunks were
+    stored (here: the name taken meanwhile) leaves no trace but unreferenced chunks,
+    none of them still pinned; the same bundle imports once the name is free again."""
+    import trio
+
+    from snapfs import exchange
+    from snapfs.errors import AlreadyExists
+    from snapfs.repository import Repository
+    from snapfs.store.repo import init_repository
+    from snapfs.vfs.fs import Filesystem
+
+    await call(fs, op="volume-create", name="v")
+    view = fs.volume_view("v")
+    data = b"".join(pattern(CS, seed=i) for i in range(300))
+    await write_file(view, b"f", data)
+    await call(fs, op="commit", where="v", label="s")
+    key = tmp_path / "far.key"
+    await call(fs, op="site-key-create", site="far", path=str(key))
+    bundle = tmp_path / "b.bundle"
+    await call(fs, op="export", snapshot="v@s", site="far", path=str(bundle))
+
+    init_repository(str(tmp_path / "other"), CS)
+    other = Repository(str(tmp_path / "other"), holder="unit test")
+    try:
+        ofs = Filesystem(other)
+        await call(ofs, op="site-key-import", site="far", path=str(key))
+        monkeypatch.setattr(exchange, "IMPORT_BATCH", 16)
+        real_put_many = ofs.chunks.put_many
+        batches = []
+
+        async def put_many(payloads):
+            if len(payloads) > 1:  # the import's batches, not the commit below
+                batches.append(len(payloads))
+            if len(batches) == 3 and "v" not in ofs.graph.volumes:
+                # meanwhile, a snapshot of the same name appears
+                await call(ofs, op="volume-create", name="v")
+                await write_file(ofs.volume_view("v"), b"x", b"other")
+                await call(ofs, op="commit", where="v", label="s")
+            return await real_put_many(payloads)
+
+        monkeypatch.setattr(ofs.chunks, "put_many", put_many)
+        with pytest.raises(AlreadyExists, match="v@s"):
+            await call(ofs, op="import", path=str(bundle))
+        assert batches[:3] == [16, 16, 16] and sum(batches) == 300
+        assert not ofs.chunks.pinned
+        assert [v.name for v in ofs.graph.snapshots()] == ["v@s"]
+        assert not ofs.cat.execute("SELECT 1 FROM imports").fetchone()
+
+        await call(ofs, op="snapshot-delete", name="v@s")
+        batches.clear()
+        turns = 0
+        importing = True
+
+        async def other_requests() -> None:
+            nonlocal turns
+            while importing:
+                turns += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_requests)
+            res = await call(ofs, op="import", path=str(bundle))
+            importing = False
+        assert res["snapshot"] == "v@s" and res["chunks_received"] == 300
+        assert turns >= len(batches) == 19 and not ofs.chunks.pinned
+        snap = ofs.snapshot_view("v@s")
+        node = snap.lookup(ROOT_INO, b"f")
+        assert await snap.read(node, 0, len(data) + 1) == data
+        again = await call(ofs, op="import", path=str(bundle))
+        assert again == {"snapshot": "v@s", "already_imported": True}
+    finally:
+        other.close()
