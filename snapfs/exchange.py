@@ -344,7 +344,7 @@ IMPORT_BATCH = 64  # chunk records stored with one put_many
 async def _store_chunks(fs: Filesystem, records, ids: dict[int, int]) -> dict[str, list]:
     """Store the bundle's chunk records in batches; collect its rows."""
     rows: dict[str, list] = {"inodes": [], "dirents": [], "blocks": [], "xattrs": []}
-    batch: list[tuple[int, bytes]] = []
+    batch: list[tuple[int, memoryview]] = []
 
     async def flush() -> None:
         stored = [(n, p) for n, p in batch if p]
@@ -357,7 +357,8 @@ async def _store_chunks(fs: Filesystem, records, ids: dict[int, int]) -> dict[st
     for rec in records:
         if rec[:1] == b"C":
             (n,) = U64.unpack_from(rec, 1)
-            batch.append((n, bytes(rec[9:])))
+            # a view, not bytes: imported chunks are not worth the read cache
+            batch.append((n, memoryview(rec)[9:]))
             if len(batch) >= IMPORT_BATCH:
                 await flush()
         elif rec[:1] == b"R":
