@@ -7,10 +7,13 @@ the same function. Either way the answer is a JSON-able dict.
 
 The daemon answers with one JSON line {"ok": ...}, which may be preceded by progress
 lines {"progress": "text"} (an export sends one every 512 chunks; the client prints them
-if it asked for progress). An export is the one long operation that is not atomic: it
-reads an immutable, pinned snapshot in slices of at most SLICE_SECONDS of work, and FUSE
-requests are served between them; a mounted filesystem stays usable while it runs. An
-import authenticates the bundle in a worker thread first, then adds it atomically here.
+if it asked for progress) and keep-alive lines {"progress": null} every 30 s, so that a
+client waits for a long request as long as the daemon lives.
+
+An export is the one long operation that is not atomic: it reads an immutable, pinned
+snapshot in slices of at most SLICE_SECONDS of work, and FUSE requests are served between
+them; a mounted filesystem stays usable while it runs. An import authenticates the bundle
+in a worker thread, stores its chunks between requests, then adds the snapshot atomically.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from snapfs.vfs.diff import diff as snapshot_diff
 from snapfs.vfs.fs import Filesystem
 
 log = logging.getLogger(__name__)
+KEEPALIVE_SECONDS = 30.0  # an empty progress line while a request runs (call's timeout: 600 s)
 SLICE_SECONDS = 0.002  # work done by a long operation between two turns of the FUSE loop
 Progress = Callable[[str], None]
 
@@ -252,15 +256,27 @@ async def _converse(fs: Filesystem, stream: trio.SocketStream) -> None:
                 return
             buf += data
         async with trio.open_nursery() as nursery:
-            send, receive = trio.open_memory_channel[str](math.inf)
+            send, receive = trio.open_memory_channel[str | None](math.inf)
             nursery.start_soon(_forward_progress, stream, receive)
             with send:
-                reply = await _reply(fs, buf, send.send_nowait)
+                async with trio.open_nursery() as beating:
+                    beating.start_soon(_keepalive, send.send_nowait)
+                    reply = await _reply(fs, buf, send.send_nowait)
+                    beating.cancel_scope.cancel()
         await stream.send_all(json.dumps(reply).encode() + b"\n")
 
 
+async def _keepalive(emit: Callable[[str | None], None]) -> None:
+    """An empty progress line every KEEPALIVE_SECONDS: a client waits as long as the
+    daemon works on its request (a gc of a big repository), and gives up only on a
+    daemon that stopped answering (call's timeout per line)."""
+    while True:
+        await trio.sleep(KEEPALIVE_SECONDS)
+        emit(None)
+
+
 async def _forward_progress(stream: trio.SocketStream,
-                            receive: trio.MemoryReceiveChannel[str]) -> None:
+                            receive: trio.MemoryReceiveChannel[str | None]) -> None:
     """Progress lines go out as they come; a client that went away only loses them."""
     async with receive:
         async for line in receive:
@@ -318,7 +334,7 @@ def _receive_reply(s, progress: Progress | None) -> dict:
         msg = json.loads(line)
         if "progress" not in msg:
             return msg
-        if progress is not None:
+        if progress is not None and msg["progress"] is not None:  # None: keep-alive
             progress(msg["progress"])
 
 

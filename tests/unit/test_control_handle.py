@@ -312,3 +312,38 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
         assert again == {"snapshot": "v@s", "already_imported": True}
     finally:
         other.close()
+
+
+@trio_test
+async def test_the_daemon_keeps_a_waiting_client_alive_during_a_long_request(
+        fs, tmp_path, monkeypatch):
+    """A request that takes longer than the client's timeout per line (600 s in the CLI;
+    a gc of a big repository) is answered, because the daemon sends keep-alive lines
+    meanwhile; they are not shown as progress. A client that stops waiting costs the
+    daemon nothing."""
+    import trio
+
+    async def slow_handle(fs_, req, progress=None):
+        await trio.sleep(0.6)
+        return {"slept": req["op"]}
+
+    monkeypatch.setattr(control, "KEEPALIVE_SECONDS", 0.05)
+    monkeypatch.setattr(control, "handle", slow_handle)
+    sock = str(tmp_path / "s.sock")
+    shown: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.serve, fs, sock)
+        while not os.path.exists(sock):
+            await trio.sleep(0.01)
+        res = await trio.to_thread.run_sync(
+            lambda: control.call(sock, {"op": "long"}, timeout=0.3, progress=shown.append))
+        assert res == {"slept": "long"} and shown == []
+        monkeypatch.setattr(control, "KEEPALIVE_SECONDS", 10.0)
+        with pytest.raises(TimeoutError):
+            await trio.to_thread.run_sync(
+                lambda: control.call(sock, {"op": "long"}, timeout=0.3))
+        await trio.sleep(0.5)  # the daemon answers into the closed socket: no harm
+        res = await trio.to_thread.run_sync(
+            lambda: control.call(sock, {"op": "again"}, timeout=5))
+        assert res == {"slept": "again"}
+        nursery.cancel_scope.cancel()
