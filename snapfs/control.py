@@ -142,8 +142,7 @@ async def _exchange(fs: Filesystem, op: str, req: dict, progress: Progress | Non
         return {"site": key.site}
     if op == "site-key-list":
         return {"sites": [s for (s,) in fs.cat.execute("SELECT site FROM site_keys ORDER BY 1")]}
-    if op == "export":
-        await fs.flush_dirty()
+    if op == "export":  # a snapshot is immutable: no dirty data of a draft to store first
         if progress is None and req.get("progress"):
             progress = _progress
         async with _replacing(req["path"]) as out:
