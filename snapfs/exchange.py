@@ -312,11 +312,8 @@ async def apply_verified(fs: Filesystem, spool: BinaryIO, bundle_id: str) -> dic
     the new records are synced. If anything fails or the process dies before that
     transaction commits, the stored chunks are unreferenced garbage for the collector and
     the repository is otherwise as it was."""
-    done = fs.cat.execute("SELECT vertex FROM imports WHERE bundle=?",
-                          (bundle_id,)).fetchone()
-    if done is not None:
-        v = fs.graph.vertices.get(done[0])
-        return {"snapshot": v.name if v else None, "already_imported": True}
+    if (done := _already_imported(fs, bundle_id)) is not None:
+        return done
     spool.seek(0)
     records = iter(BundleReader(spool, lambda site: site_key(fs, site)))
     first = next(records, None)
@@ -339,6 +336,15 @@ async def apply_verified(fs: Filesystem, spool: BinaryIO, bundle_id: str) -> dic
 
 
 IMPORT_BATCH = 64  # chunk records stored with one put_many
+
+
+def _already_imported(fs: Filesystem, bundle_id: str) -> dict | None:
+    done = fs.cat.execute("SELECT vertex FROM imports WHERE bundle=?",
+                          (bundle_id,)).fetchone()
+    if done is None:
+        return None
+    v = fs.graph.vertices.get(done[0])
+    return {"snapshot": v.name if v else None, "already_imported": True}
 
 
 async def _store_chunks(fs: Filesystem, records, ids: dict[int, int]) -> dict[str, list]:
@@ -403,6 +409,8 @@ def _add_snapshot(fs: Filesystem, header: dict, rows: dict[str, list], ids: dict
     The header is checked again: the repository may have changed while chunks were
     stored (another import of the same snapshot, a deleted base)."""
     g, cat = fs.graph, fs.cat
+    if (done := _already_imported(fs, bundle_id)) is not None:
+        return done  # the same bundle, imported by another request meanwhile
     parent = _check_header(fs, header)
     snap = header["snapshot"]
     v = g.add_imported(parent, snap["volume"], snap["label"], snap["created"], snap["uuid"])

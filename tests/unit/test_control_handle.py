@@ -251,21 +251,12 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
     from snapfs.store.repo import init_repository
     from snapfs.vfs.fs import Filesystem
 
-    await call(fs, op="volume-create", name="v")
-    view = fs.volume_view("v")
-    data = b"".join(pattern(CS, seed=i) for i in range(300))
-    await write_file(view, b"f", data)
-    await call(fs, op="commit", where="v", label="s")
-    key = tmp_path / "far.key"
-    await call(fs, op="site-key-create", site="far", path=str(key))
-    bundle = tmp_path / "b.bundle"
-    await call(fs, op="export", snapshot="v@s", site="far", path=str(bundle))
-
+    data, bundle = await _exported(fs, tmp_path, 300)
     init_repository(str(tmp_path / "other"), CS)
     other = Repository(str(tmp_path / "other"), holder="unit test")
     try:
         ofs = Filesystem(other)
-        await call(ofs, op="site-key-import", site="far", path=str(key))
+        await call(ofs, op="site-key-import", site="far", path=str(tmp_path / "far.key"))
         monkeypatch.setattr(exchange, "IMPORT_BATCH", 16)
         real_put_many = ofs.chunks.put_many
         batches = []
@@ -310,6 +301,50 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
         assert await snap.read(node, 0, len(data) + 1) == data
         again = await call(ofs, op="import", path=str(bundle))
         assert again == {"snapshot": "v@s", "already_imported": True}
+    finally:
+        other.close()
+
+
+async def _exported(fs, tmp_path, chunks: int) -> tuple[bytes, object]:
+    """Volume v with one file of `chunks` chunks, committed as v@s and exported for site
+    far (key in tmp_path/far.key): the file's data and the bundle's path."""
+    await call(fs, op="volume-create", name="v")
+    data = b"".join(pattern(CS, seed=i) for i in range(chunks))
+    await write_file(fs.volume_view("v"), b"f", data)
+    await call(fs, op="commit", where="v", label="s")
+    await call(fs, op="site-key-create", site="far", path=str(tmp_path / "far.key"))
+    bundle = tmp_path / "b.bundle"
+    await call(fs, op="export", snapshot="v@s", site="far", path=str(bundle))
+    return data, bundle
+
+
+@trio_test
+async def test_two_imports_of_one_bundle_at_once_add_it_once(fs, tmp_path):
+    """Both requests verify and store chunks concurrently; the second to reach the
+    atomic step finds the bundle imported and says so, as a repeated import does."""
+    import trio
+
+    from snapfs.repository import Repository
+    from snapfs.store.repo import init_repository
+    from snapfs.vfs.fs import Filesystem
+
+    _data, bundle = await _exported(fs, tmp_path, 100)
+    init_repository(str(tmp_path / "other"), CS)
+    other = Repository(str(tmp_path / "other"), holder="unit test")
+    try:
+        ofs = Filesystem(other)
+        await call(ofs, op="site-key-import", site="far", path=str(tmp_path / "far.key"))
+        results = []
+
+        async def one() -> None:
+            results.append(await call(ofs, op="import", path=str(bundle)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one)
+            nursery.start_soon(one)
+        assert sorted(r.get("already_imported", False) for r in results) == [False, True]
+        assert [v.name for v in ofs.graph.snapshots()] == ["v@s"]
+        assert not ofs.chunks.pinned
     finally:
         other.close()
 
