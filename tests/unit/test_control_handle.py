@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -247,16 +248,8 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
 
     from snapfs import exchange
     from snapfs.errors import AlreadyExists
-    from snapfs.repository import Repository
-    from snapfs.store.repo import init_repository
-    from snapfs.vfs.fs import Filesystem
-
     data, bundle = await _exported(fs, tmp_path, 300)
-    init_repository(str(tmp_path / "other"), CS)
-    other = Repository(str(tmp_path / "other"), holder="unit test")
-    try:
-        ofs = Filesystem(other)
-        await call(ofs, op="site-key-import", site="far", path=str(tmp_path / "far.key"))
+    async with _site(tmp_path) as ofs:
         monkeypatch.setattr(exchange, "IMPORT_BATCH", 16)
         real_put_many = ofs.chunks.put_many
         batches = []
@@ -301,6 +294,21 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
         assert await snap.read(node, 0, len(data) + 1) == data
         again = await call(ofs, op="import", path=str(bundle))
         assert again == {"snapshot": "v@s", "already_imported": True}
+
+
+@contextlib.asynccontextmanager
+async def _site(tmp_path):
+    """A second repository (tmp_path/other) holding the key of site far (_exported)."""
+    from snapfs.repository import Repository
+    from snapfs.store.repo import init_repository
+    from snapfs.vfs.fs import Filesystem
+
+    init_repository(str(tmp_path / "other"), CS)
+    other = Repository(str(tmp_path / "other"), holder="unit test")
+    try:
+        ofs = Filesystem(other)
+        await call(ofs, op="site-key-import", site="far", path=str(tmp_path / "far.key"))
+        yield ofs
     finally:
         other.close()
 
@@ -324,16 +332,8 @@ async def test_two_imports_of_one_bundle_at_once_add_it_once(fs, tmp_path):
     atomic step finds the bundle imported and says so, as a repeated import does."""
     import trio
 
-    from snapfs.repository import Repository
-    from snapfs.store.repo import init_repository
-    from snapfs.vfs.fs import Filesystem
-
     _data, bundle = await _exported(fs, tmp_path, 100)
-    init_repository(str(tmp_path / "other"), CS)
-    other = Repository(str(tmp_path / "other"), holder="unit test")
-    try:
-        ofs = Filesystem(other)
-        await call(ofs, op="site-key-import", site="far", path=str(tmp_path / "far.key"))
+    async with _site(tmp_path) as ofs:
         results = []
 
         async def one() -> None:
@@ -345,8 +345,6 @@ async def test_two_imports_of_one_bundle_at_once_add_it_once(fs, tmp_path):
         assert sorted(r.get("already_imported", False) for r in results) == [False, True]
         assert [v.name for v in ofs.graph.snapshots()] == ["v@s"]
         assert not ofs.chunks.pinned
-    finally:
-        other.close()
 
 
 @trio_test
