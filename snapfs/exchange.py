@@ -210,22 +210,26 @@ def export_steps(fs: Filesystem, snapshot: str, since: str | None, site: str,
     """Write the bundle of snapshot (its changes since an ancestor) for site to out, in
     steps of about one chunk each: the daemon serves FUSE requests between them
     (control.run_in_slices); the generator's return value is the summary. The snapshot
-    is immutable, and pinned against deletion until the generator ends; chunks the
-    collector moves meanwhile are found again by ChunkManager's retry after a relocation."""
+    and the base are immutable, and pinned against deletion until the generator ends;
+    chunks the collector moves meanwhile are found again by ChunkManager's retry after a
+    relocation."""
     g = fs.graph
     snap = g.snapshot(snapshot)
-    fs.pin(snap.id)
+    base = g.snapshot(since) if since else None
+    pinned = [snap.id] if base is None else [snap.id, base.id]
+    for vid in pinned:
+        fs.pin(vid)
     try:
-        return (yield from _export(fs, snap, since, site, out, progress))
+        return (yield from _export(fs, snap, base, site, out, progress))
     finally:
-        fs.unpin(snap.id)
+        for vid in pinned:
+            fs.unpin(vid)
 
 
-def _export(fs: Filesystem, snap: Vertex, since: str | None, site: str, out: BinaryIO,
+def _export(fs: Filesystem, snap: Vertex, base: Vertex | None, site: str, out: BinaryIO,
             progress: Callable[[str], None] | None) -> Generator[None, None, dict]:
     g = fs.graph
-    snapshot = snap.name
-    base = g.snapshot(since) if since else None
+    snapshot, since = snap.name, base.name if base is not None else None
     if base is not None and base.id not in g.chain(snap.id):
         raise UsageError(f"--since {since} is not an ancestor of {snapshot}: an incremental "
                          "bundle follows one line of snapshots")
@@ -295,8 +299,8 @@ def _uuid_of(fs: Filesystem, v: Vertex) -> str:
 # -- import -------------------------------------------------------------------------------------
 def verify_into(path: str, spool: BinaryIO, lookup: Callable[[str], SiteKey]) -> str:
     """Import, first step: authenticate the whole bundle at path while copying it to
-    spool (a pipe can be read once); its id. Touches
-    nothing of the repository but lookup, so the daemon runs it in a worker thread."""
+    spool (a pipe can be read once); return its id. It touches nothing of the repository
+    but lookup, so the daemon runs it in a worker thread."""
     with open(path, "rb") as f:
         return verify_all(f, lookup, copy_to=spool).hex()
 

@@ -380,3 +380,30 @@ async def test_the_daemon_keeps_a_waiting_client_alive_during_a_long_request(
             lambda: control.call(sock, {"op": "again"}, timeout=5))
         assert res == {"slept": "again"}
         nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_an_incremental_export_pins_its_base_too(fs, tmp_path):
+    """Between the slices of an incremental export its base is read too (where a block
+    it already has lies there): deleting either snapshot is refused until the export
+    ends, even when it ends early (the generator closed)."""
+    import io
+
+    from snapfs import exchange
+    from snapfs.errors import Refused
+
+    await call(fs, op="volume-create", name="v")
+    view = fs.volume_view("v")
+    f = await write_file(view, b"f", A + B)
+    await call(fs, op="commit", where="v", label="a")
+    await view.write(f, CS, C)
+    await call(fs, op="commit", where="v", label="b")
+    await call(fs, op="site-key-create", site="far", path=str(tmp_path / "far.key"))
+    steps = exchange.export_steps(fs, "v@b", "v@a", "far", io.BytesIO())
+    next(steps)
+    for name in ("v@a", "v@b"):
+        with pytest.raises(Refused, match="being exported"):
+            await call(fs, op="snapshot-delete", name=name)
+    steps.close()
+    await call(fs, op="snapshot-delete", name="v@a")
+    await call(fs, op="snapshot-delete", name="v@b")
