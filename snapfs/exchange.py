@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Generator
 from typing import BinaryIO
 
+import trio
 from pyroaring import BitMap
 
 from snapfs.crypto.aead import Aead, hkdf
@@ -330,11 +331,13 @@ async def apply_verified(fs: Filesystem, spool: BinaryIO, bundle_id: str) -> dic
         rows = await _store_chunks(fs, records, ids)
         await fs.commit_catalog(durable=False)  # syncs the packs; the rows begin afresh
         try:
-            return _add_snapshot(fs, header, rows, ids, bundle_id)
+            result = _add_snapshot(fs, header, rows, ids, bundle_id)
         except BaseException:
             fs.cat.rollback()  # only _add_snapshot's writes: it does not await
             fs.graph.reload()
             raise
+        await trio.to_thread.run_sync(fs.cat.sync_wal)  # durable before the answer
+        return result
     finally:
         fs.chunks.unpin([cid for cid in ids.values() if cid])
 
@@ -419,34 +422,35 @@ def _add_snapshot(fs: Filesystem, header: dict, rows: dict[str, list], ids: dict
     snap = header["snapshot"]
     v = g.add_imported(parent, snap["volume"], snap["label"], snap["created"], snap["uuid"])
     meta, pv = fs.meta, PinnedView(fs, parent) if parent is not None else None
-    for r in rows["inodes"]:
-        ino, target = r[0], _unhex(r[10])
-        cat.write("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                  (ino, v.id, *r[1:10], meta.target_enc(ino, target)))
-    for parent_ino, name_hex, ino in rows["dirents"]:
-        cat.write("INSERT INTO dirents VALUES (?,?,?,?)",
-                  (parent_ino, meta.name_enc(parent_ino, bytes.fromhex(name_hex)), v.id, ino))
-    for ino, idx, ref in rows["blocks"]:
+
+    def block_chunk(ref) -> int:
         if ref == 0:
-            chunk = 0
-        elif ref[0] == "d":
-            chunk = ids[ref[1]]
-        else:
-            chunk = pv.block(pv.get(ref[1]), ref[2]) if pv is not None else 0
-            if not chunk:
-                raise FormatError("bundle refers to a block its base does not have here")
-        cat.write("INSERT INTO blocks VALUES (?,?,?,?)", (ino, idx, v.id, chunk))
-    for ino, name_hex, value_hex in rows["xattrs"]:
-        name = bytes.fromhex(name_hex)
-        cat.write("INSERT INTO xattrs VALUES (?,?,?,?)",
-                  (ino, meta.xname_enc(ino, name), v.id,
-                   meta.xvalue_enc(ino, name, _unhex(value_hex))))
+            return 0
+        if ref[0] == "d":
+            return ids[ref[1]]
+        chunk = pv.block(pv.get(ref[1]), ref[2]) if pv is not None else 0
+        if not chunk:
+            raise FormatError("bundle refers to a block its base does not have here")
+        return chunk
+
+    # executemany: this runs without an await, so its time is the mount's pause
+    cat.writemany("INSERT INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                  ((r[0], v.id, *r[1:10], meta.target_enc(r[0], _unhex(r[10])))
+                   for r in rows["inodes"]))
+    cat.writemany("INSERT INTO dirents VALUES (?,?,?,?)",
+                  ((parent_ino, meta.name_enc(parent_ino, bytes.fromhex(name_hex)), v.id, ino)
+                   for parent_ino, name_hex, ino in rows["dirents"]))
+    cat.writemany("INSERT INTO blocks VALUES (?,?,?,?)",
+                  ((ino, idx, v.id, block_chunk(ref)) for ino, idx, ref in rows["blocks"]))
+    cat.writemany("INSERT INTO xattrs VALUES (?,?,?,?)",
+                  ((ino, meta.xname_enc(ino, bytes.fromhex(name_hex)), v.id,
+                    meta.xvalue_enc(ino, bytes.fromhex(name_hex), _unhex(value_hex)))
+                   for ino, name_hex, value_hex in rows["xattrs"]))
     _account(fs, v)
     if int(cat.meta_get("next_ino", 2)) <= header["max_ino"]:
         cat.meta_set("next_ino", header["max_ino"] + 1)
     cat.write("INSERT INTO imports VALUES (?,?,?)", (bundle_id, v.id, time.time()))
     cat.commit()
-    cat.sync_wal()
     log.info("imported %s (delta %d chunks, %d new)", v.name, v.delta, len(ids))
     return {"snapshot": v.name, "parent": g.vertices[parent].name if parent else None,
             "delta": v.delta, "chunks_received": len(ids)}
@@ -456,16 +460,18 @@ def _account(fs: Filesystem, v: Vertex) -> None:
     """Reference counts of the imported vertex against its parent, from both trees."""
     mine = tree_counts(PinnedView(fs, v.id))
     base = tree_counts(PinnedView(fs, v.parent)) if v.parent is not None else Counter()
+    rows = []
     for chunk in set(mine) | set(base):
         refs = mine[chunk] - base[chunk]
         if not refs:
             continue
         presence = 1 if base[chunk] == 0 else -1 if mine[chunk] == 0 else 0
-        fs.cat.write("INSERT INTO vertex_chunks VALUES (?,?,?,?)", (v.id, chunk, refs, presence))
+        rows.append((v.id, chunk, refs, presence))
         if presence == 1:
             v.added.add(chunk)
         elif presence == -1:
             v.removed.add(chunk)
+    fs.cat.writemany("INSERT INTO vertex_chunks VALUES (?,?,?,?)", rows)
     v.delta, v.referenced = len(v.added), len(mine)
     fs.cat.write("UPDATE vertices SET delta=?, referenced=?, added=?, removed=? WHERE id=?",
                  (v.delta, v.referenced, v.added.serialize(), v.removed.serialize(), v.id))
