@@ -144,7 +144,7 @@ async def _exchange(fs: Filesystem, op: str, req: dict, progress: Progress | Non
         return {"sites": [s for (s,) in fs.cat.execute("SELECT site FROM site_keys ORDER BY 1")]}
     if op == "export":  # a snapshot is immutable: no dirty data of a draft to store first
         if progress is None and req.get("progress"):
-            progress = _progress
+            progress = print_progress
         async with _replacing(req["path"]) as out:
             return await run_in_slices(exchange.export_steps(
                 fs, req["snapshot"], req.get("since"), req["site"], out, progress))
@@ -195,7 +195,8 @@ def _umask() -> int:
     return 0o022
 
 
-def _progress(line: str) -> None:
+def print_progress(line: str) -> None:
+    """Progress on stderr: the CLI's, whether it or the daemon does the work."""
     import sys
 
     print(line, file=sys.stderr, flush=True)

@@ -102,8 +102,8 @@ def open_repository(repo: str, holder: str):
 def run_op(target: Target, req: dict) -> dict:
     """Execute one operation through the daemon, or on the unmounted repository."""
     if control.daemon_alive(target.paths.sock):
-        show = req.get("progress") and (lambda line: print(line, file=sys.stderr, flush=True))
-        return control.call(target.paths.sock, req, progress=show or None)
+        return control.call(target.paths.sock, req,
+                            progress=control.print_progress if req.get("progress") else None)
     from snapfs.vfs.fs import Filesystem
 
     repo = open_repository(target.repo, "a snapfs command")
