@@ -12,7 +12,9 @@ written many times (random writes) is hashed and appended to a pack once, not at
 group commit. The background pass (every 2 s) stores the dirty chunks of files nobody
 has open and chunks first dirtied more than dirty_expire seconds ago (like the kernel's
 dirty_expire); a writer that takes the dirty total past dirty_limit stores the coldest
-chunks first (written the fewest times, then dirtied first). A chunk that a sequential
+chunks first (the fewest writes per page held, then dirtied first). Whole-page writes into
+stored chunks hold only their pages (sparse chunks, see DirtyChunk), so the limit counts
+pages. A chunk that a sequential
 writer filled from start to end will not be written again soon: such chunks are stored
 in the background as soon as a batch of them is complete, so that a long sequential
 write overlaps its hashing and pack appends with the writing and reuses pooled buffers.
@@ -37,7 +39,7 @@ from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
 from snapfs.store.catalog import JOURNAL_SIZE_LIMIT
 from snapfs.store.gc import Collector
-from snapfs.vfs.view import BufferPool, Inode, View, release_free_memory, store_buffers
+from snapfs.vfs.view import PAGE, BufferPool, Inode, View, release_free_memory, store_buffers
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +66,10 @@ MAX_DEFAULT_DIRTY_LIMIT = 4 << 30
 
 def default_dirty_limit() -> int:
     """Dirty memory allowed by default: a tenth of RAM, 16 MiB to 4 GiB (ZFS's default
-    for zfs_dirty_data_max). Random writes are fast only while the chunks they touch stay
-    dirty: a 4 KiB write into a stored 128 KiB chunk loads it, and storing it again hashes
-    and appends all of it. With 256 MiB, random writes over a 1 GiB file ran at 0.16-0.41x
-    the yardstick (BENCHMARKS.md, full-size run)."""
+    for zfs_dirty_data_max). Random writes are fast only while the pages they touch stay
+    dirty: storing a chunk again loads, hashes and appends all of it. With 256 MiB (and
+    before sparse chunks), random writes over a 1 GiB file ran at 0.16-0.41x the
+    yardstick (BENCHMARKS.md, full-size run)."""
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -190,7 +192,11 @@ class Filesystem:
             self._complete.clear()
 
     def dirty_bytes(self) -> int:
-        return sum(len(n.buffers) for _, n in self._dirty.values()) * self.chunk_size
+        """Dirty memory as the limit counts it: a chunk-sized buffer per whole dirty
+        chunk, a page per page of a sparse one."""
+        cs = self.chunk_size
+        return sum(cs if b.pages is None else len(b.pages) * PAGE
+                   for _, n in self._dirty.values() for b in n.buffers.values())
 
     @property
     def dirty_limit(self) -> int:
@@ -199,12 +205,17 @@ class Filesystem:
     @dirty_limit.setter
     def dirty_limit(self, value: int) -> None:
         self._dirty_limit = value
-        self.dirty_chunks_limit = value // self.chunk_size
+        self.dirty_pages_limit = value // PAGE
+
+    def _dirty_pages(self) -> int:
+        """Cheap dirty_bytes() // PAGE: the pool counts whole buffers out and the pages
+        of sparse chunks."""
+        return self.pool.out * (self.chunk_size // PAGE) + self.pool.pages
 
     def over_limit(self) -> bool:
-        """Checked after every write: the pool's count of buffers out is the number of
-        dirty chunks; the complete queue is what sequential writers filled."""
-        return (self.pool.out > self.dirty_chunks_limit
+        """Checked after every write; the complete queue is what sequential writers
+        filled."""
+        return (self._dirty_pages() > self.dirty_pages_limit
                 or len(self._complete) > COMPLETE_BACKLOG)
 
     async def throttle(self) -> None:
@@ -212,26 +223,44 @@ class Filesystem:
         complete chunks short (a writer faster than the store waits for it)."""
         if len(self._complete) > COMPLETE_BACKLOG:
             await self.store_complete()
-        if self.pool.out > self.dirty_chunks_limit:
+        if self._dirty_pages() > self.dirty_pages_limit:
             await self.store_oldest()
 
     async def store_oldest(self) -> None:
         """Store the coldest dirty chunks until the dirty total is an eighth of the limit
-        below it, in batches, not one chunk per write. Coldest: written the fewest times
-        (gen), then dirtied first. A chunk written often is likely to be written again, and
-        storing it would cost a load and a store for its next small write; one that is hot
-        no longer is still stored after dirty_expire by the background pass."""
+        below it, in batches, not one chunk per write. Coldest: the fewest writes per
+        page held (whole chunks count all their pages), then dirtied first. A chunk written
+        often is likely to be written again, and storing it would cost a load and a store
+        for its next small write; one that is hot no longer is still stored after
+        dirty_expire by the background pass. Among sparse chunks of random writes (one
+        write per page) the oldest go first."""
         async with self._throttle_lock:  # concurrent writers wait instead of storing twice
             dirty = self.dirty_bytes()
             excess = dirty - self.dirty_limit
-            if excess <= 0:
-                self.pool.out = dirty // self.chunk_size  # a buffer lost without give()
+            if excess <= 0:  # a buffer lost without give(): count again
+                self.pool.out = sum(1 for _, n in self._dirty.values()
+                                    for b in n.buffers.values() if b.pages is None)
+                self.pool.pages = (dirty - self.pool.out * self.chunk_size) // PAGE
                 return
-            count = -(-(excess + self.dirty_limit // 8) // self.chunk_size)
-            items = heapq.nsmallest(
-                count, ((buf.gen, buf.born, v, node, idx) for v, node in list(self._dirty.values())
-                        for idx, buf in node.buffers.items()), key=lambda t: (t[0], t[1]))
-            await self._store([(v, node, idx) for _, _, v, node, idx in items])
+            await self._store(self._coldest(excess + self.dirty_limit // 8))
+
+    def _coldest(self, want: int) -> list[tuple[View, Inode, int]]:
+        """The coldest dirty chunks that hold at least want bytes between them."""
+        ppc = self.chunk_size // PAGE
+        cands = [(b.gen / (ppc if b.pages is None else max(1, len(b.pages))), b.born,
+                  ppc if b.pages is None else len(b.pages), v, node, idx)
+                 for v, node in list(self._dirty.values()) for idx, b in node.buffers.items()]
+        k = -(-want // self.chunk_size)
+        while True:  # few candidates are enough unless most chunks are sparse
+            picked = heapq.nsmallest(k, cands, key=lambda t: (t[0], t[1]))
+            held = 0
+            for n, item in enumerate(picked):
+                held += item[2] * PAGE
+                if held >= want:
+                    return [(v, node, idx) for *_, v, node, idx in picked[:n + 1]]
+            if k >= len(cands):
+                return [(v, node, idx) for *_, v, node, idx in picked]
+            k *= 4
 
     async def write_back(self, now: float | None = None) -> None:
         """Background: store closed files' data and chunks dirty for longer than
@@ -360,7 +389,7 @@ class Filesystem:
         """Once nothing has been dirty for POOL_IDLE_SECONDS, keep IDLE_POOL_BYTES of free
         buffers and give the rest of the memory back: a burst of random writes takes up
         to dirty_limit (a tenth of RAM), which an idle daemon should not hold."""
-        if self.pool.out:
+        if self.pool.out or self.pool.pages:
             self._last_dirty = now
         elif (now - self._last_dirty >= POOL_IDLE_SECONDS
               and self.pool.trim(IDLE_POOL_BYTES // self.chunk_size)):

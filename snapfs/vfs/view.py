@@ -51,20 +51,32 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 
+PAGE = 4096  # the unit of a sparse dirty chunk: the kernel's page
+
+
 @dataclass(slots=True)
 class DirtyChunk:
     """A chunk being written in memory; gen changes on every write into it.
 
     data is a chunk-sized buffer from the pool; only data[:length] is meaningful and
     what lies beyond length reads as zeros (pooled buffers hold stale bytes there).
+
+    A sparse dirty chunk (data None, length -1) holds only the whole pages written into
+    a stored chunk, base: its content is base's overlaid with pages. Random 4 KiB writes
+    into a large file then cost 4 KiB of memory each, not a 128 KiB load into a 128 KiB
+    buffer, so many more of them stay in memory under the dirty limit; base is read and
+    merged once, when the chunk is stored (materialize). Any other use of the buffer
+    (an unaligned write, truncate) materializes it first.
     """
 
-    data: bytearray
+    data: bytearray | None
     length: int = 0
     gen: int = 0
     born: float = 0.0  # time.monotonic() when it became dirty: write-back stores oldest first
     seq: bool = False  # written from empty by appends only, so far: a sequential writer's
     frozen: int = 0  # stores reading data right now: a write must thaw (copy) it first
+    base: int = 0  # sparse: the stored chunk under the pages
+    pages: dict[int, bytes] | None = None  # sparse: page index -> PAGE bytes
 
 
 SMALL_BUFFER = 32 * 1024  # a new chunk's first write ending here or before gets a small buffer
@@ -82,6 +94,7 @@ class BufferPool:
         self.size = size
         self.keep = keep
         self.out = 0  # buffers taken and not given back: the dirty chunks, counted cheaply
+        self.pages = 0  # pages held by sparse dirty chunks (not from the pool)
         self._free: list[bytearray] = []
 
     def take(self) -> bytearray:
@@ -103,7 +116,12 @@ class BufferPool:
     def give(self, buf: DirtyChunk | None) -> None:
         """A dirty chunk is gone (stored or dropped); its buffer is reused unless a store
         is still reading it."""
-        if buf is not None:
+        if buf is None:
+            return
+        if buf.pages is not None:
+            self.pages -= len(buf.pages)
+            buf.pages = None  # dropped: a materialize under way leaves it alone
+        else:
             self.untake(None if buf.frozen else buf.data)
 
     def untake(self, data: bytearray | None) -> None:
@@ -826,14 +844,23 @@ class View:
         self._mark_dirty(node)
 
     async def buffer(self, node: Inode, idx: int, *, whole: bool = False,
-                     need: int = 0) -> DirtyChunk:
+                     need: int = 0, sparse: bool = False) -> DirtyChunk:
         """The dirty buffer for block idx, loaded from its chunk unless whole is True.
         need: where the write about to be made ends in the chunk (0: unknown); a new
-        buffer for a write that ends early is a small one (BufferPool.take_small)."""
-        buf = node.buffers.get(idx)
-        if buf is not None:
-            return buf
+        buffer for a write that ends early is a small one (BufferPool.take_small).
+        sparse: the write about to be made covers whole pages, so a stored chunk is not
+        loaded but overlaid (a sparse DirtyChunk); without it a sparse buffer is
+        materialized first."""
+        while (buf := node.buffers.get(idx)) is not None:
+            if buf.pages is None or sparse:
+                return buf
+            await materialize(self.fs, [buf])  # then look again: it may be gone
         chunk = self.block(node, idx)
+        if chunk and not whole and sparse:
+            buf = node.buffers[idx] = DirtyChunk(None, -1, 0, time.monotonic(), False,
+                                                 base=chunk, pages={})
+            self.fs.note_dirty(self, node, idx)
+            return buf
         if chunk and not whole:
             content = self.fs.pool.take()
             try:  # straight from the pack (or the cache) into the buffer
@@ -844,7 +871,7 @@ class View:
             buf = node.buffers.get(idx)  # another writer may have made it meanwhile
             if buf is not None:
                 self.fs.pool.untake(content)
-                return buf
+                return await self.buffer(node, idx, whole=whole, need=need)
         elif 0 < need <= SMALL_BUFFER and need < self.chunk_size:
             content, length = self.fs.pool.take_small(need), 0
         else:
@@ -853,6 +880,49 @@ class View:
         node.allocated = None
         self.fs.note_dirty(self, node, idx)
         return buf
+
+    def _write_pages(self, buf: DirtyChunk, start: int, data: memoryview) -> None:
+        """Whole pages into a sparse chunk; a last partial page (at the end of the file)
+        is padded with zeros. Once every page is there, the buffer becomes a whole one
+        without reading its base."""
+        pages = buf.pages
+        assert pages is not None
+        before = len(pages)
+        for pos in range(0, len(data), PAGE):
+            page = bytes(data[pos:pos + PAGE])
+            if len(page) < PAGE:
+                page += bytes(PAGE - len(page))
+            pages[(start + pos) // PAGE] = page
+        pool = self.fs.pool
+        pool.pages += len(pages) - before
+        if len(pages) * PAGE == self.chunk_size:
+            content = pool.take()
+            content[:] = b"".join(pages[p] for p in range(len(pages)))
+            pool.pages -= len(pages)
+            buf.data, buf.pages, buf.base, buf.length = content, None, 0, self.chunk_size
+
+    async def _read_sparse(self, node: Inode, idx: int, buf: DirtyChunk, start: int,
+                           stop: int) -> bytes | bytearray:
+        """data[start:stop] of a sparse chunk: its pages over its base (read, not
+        merged: the merge waits for the store)."""
+        pages = buf.pages
+        assert pages is not None
+        first, last = start // PAGE, (stop - 1) // PAGE
+        if first == last and first in pages:
+            return pages[first][start - first * PAGE:stop - first * PAGE]
+        base = self.fs.chunks.cache.get(buf.base) or await self.fs.chunks.get(buf.base)
+        if buf.pages is not pages:  # materialized or dropped meanwhile: read again
+            return await self.read(node, idx * self.chunk_size + start, stop - start)
+        out = bytearray(stop - start)
+        with memoryview(base) as mv:
+            piece = mv[start:stop]
+            out[:len(piece)] = piece
+        for p in range(first, last + 1):
+            page = pages.get(p)
+            if page is not None:
+                a, b = max(start, p * PAGE), min(stop, (p + 1) * PAGE)
+                out[a - start:b - start] = page[a - p * PAGE:b - p * PAGE]
+        return out
 
     def _thaw(self, buf: DirtyChunk) -> None:
         """A store is hashing and appending buf.data itself (no copy), or a write goes
@@ -879,6 +949,8 @@ class View:
         if end - idx * cs <= cs:
             buf = node.buffers.get(idx)
             if buf is not None:  # fast path: inside one dirty chunk (random reads and writes)
+                if buf.data is None:
+                    return await self._read_sparse(node, idx, buf, start, end - idx * cs)
                 piece = buf.data[start:min(end - idx * cs, buf.length)]
                 if len(piece) < end - offset:  # beyond the buffer's length: zeros
                     piece += bytes(end - offset - len(piece))
@@ -905,7 +977,10 @@ class View:
             stop = min(cs, end - idx * cs)
             dst = mv[pos - offset:pos - offset + stop - start]
             buf = node.buffers.get(idx)
-            if buf is not None:
+            if buf is not None and buf.data is None:
+                piece = await self._read_sparse(node, idx, buf, start, stop)
+                dst[:len(piece)] = piece
+            elif buf is not None:
                 n = min(stop, buf.length) - start
                 if n > 0:
                     with memoryview(buf.data) as src:
@@ -955,7 +1030,14 @@ class View:
             idx, start = divmod(pos, cs)
             stop = min(cs, end - idx * cs)
             whole = start == 0 and (stop == cs or idx * cs >= node.size)
-            buf = await self.buffer(node, idx, whole=whole, need=stop)
+            # whole pages (the last may end the file) need not load a stored chunk
+            sparse = not start % PAGE and (not stop % PAGE or end >= node.size)
+            buf = await self.buffer(node, idx, whole=whole, need=stop, sparse=sparse)
+            if buf.data is None:
+                self._write_pages(buf, start, view[pos - offset:pos - offset + stop - start])
+                buf.gen += 1
+                pos = idx * cs + stop
+                continue
             if buf.frozen or stop > len(buf.data):
                 self._thaw(buf)
             if buf.seq and start != buf.length:
@@ -1000,6 +1082,39 @@ def _payload_len(data: bytearray, n: int) -> int:
         return start + len(bytes(mv[start:n]).rstrip(b"\0"))
 
 
+async def materialize(fs: Filesystem, bufs: list[DirtyChunk]) -> None:
+    """Make sparse dirty chunks whole: each base is loaded into a pool buffer (one
+    worker-thread hop for the batch; none for a chunk whose pages cover it), zeros fill
+    what the base does not, and the pages (also those written meanwhile) go over it.
+    A buffer made whole or dropped meanwhile is left alone."""
+    todo = list({id(b): b for b in bufs if b.data is None and b.pages is not None}.values())
+    if not todo:
+        return
+    pool, cs = fs.pool, fs.chunk_size
+    contents = [pool.take() for _ in todo]
+    try:
+        load = [i for i, b in enumerate(todo) if len(b.pages) * PAGE < cs]
+        sizes = dict(zip(load, await fs.chunks.read_many_into(
+            [(todo[i].base, memoryview(contents[i])) for i in load]), strict=True))
+    except BaseException:
+        for content in contents:
+            pool.untake(content)
+        raise
+    for i, (buf, content) in enumerate(zip(todo, contents, strict=True)):
+        pages = buf.pages
+        if pages is None or buf.data is not None:
+            pool.untake(content)
+            continue
+        n = sizes.get(i, 0)
+        with memoryview(content) as mv:
+            mv[n:] = bytes(cs - n)
+            for p, page in pages.items():
+                mv[p * PAGE:(p + 1) * PAGE] = page
+        pool.pages -= len(pages)
+        buf.data, buf.pages, buf.base = content, None, 0
+        buf.length = max(n, (max(pages) + 1) * PAGE if pages else 0)
+
+
 async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     """Store a batch of dirty buffers, of any inodes and views, with one put_many.
 
@@ -1010,6 +1125,10 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     # The payloads are views of the buffers themselves, not copies: each buffer is
     # frozen while the store reads it, and a write into a frozen buffer thaws it first
     # (View._thaw), so what is hashed is exactly what is appended.
+    sparse = [buf for _, node, idx in items
+              if (buf := node.buffers.get(idx)) is not None and buf.data is None]
+    if sparse:
+        await materialize(items[0][0].fs, sparse)
     work = []
     for view, node, idx in items:
         buf = node.buffers.get(idx)

@@ -297,6 +297,50 @@ def test_dirty_limit_option_bounds_unstored_data_of_an_open_file(tmp_path):
         m.close()
 
 
+def test_page_writes_into_a_stored_file_hold_pages_under_the_dirty_limit(tmp_path):
+    """Random 4 KiB writes into a file already stored keep only the written pages in
+    memory (sparse chunks), not a loaded chunk per write: 3,000 of them over 64 MiB stay
+    within a 16 MiB limit with nothing stored until fsync, which merges them."""
+    import random
+
+    from fusehelpers import Mount
+
+    m = Mount(tmp_path, CHUNK_SIZE, env={"SNAPFS_DIRTY_LIMIT": "16M"})
+    m.require_snapfs("the dirty limit")
+    m.setup()
+    try:
+        size = 64 << 20
+        rng = random.Random(8)
+        expected = bytearray(rng.randbytes(size))
+        with open(m.vol / "f", "wb") as f:
+            f.write(expected)
+            os.fsync(f.fileno())
+        packs = _dir_bytes(os.path.join(m.repo, "packs"))
+        fd = os.open(m.vol / "f", os.O_RDWR | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            touched = set()
+            for _ in range(3000):
+                off = rng.randrange(size // 4096) * 4096
+                buf[:] = rng.randbytes(4096)
+                os.pwritev(fd, [buf], off)
+                expected[off:off + 4096] = buf[:]
+                touched.add(off)
+            assert _dir_bytes(os.path.join(m.repo, "packs")) == packs  # nothing stored
+            os.fsync(fd)
+            cs = 64 << 10
+            chunks = {off // cs for off in touched}  # each stored once, merged
+            grown = _dir_bytes(os.path.join(m.repo, "packs")) - packs
+            assert len(chunks) * cs <= grown < len(chunks) * (cs + 4096)
+            buf.close()
+        finally:
+            os.close(fd)
+        with open(m.vol / "f", "rb") as f:
+            assert f.read() == bytes(expected)
+    finally:
+        m.close()
+
+
 def test_cache_size_option_and_chunk_reads_from_the_packs(tmp_path):
     """--cache-size (here by $SNAPFS_CACHE_SIZE) bounds the chunk cache; chunks that do not
     fit are read back from the packs (inline from the page cache, or in a worker thread)

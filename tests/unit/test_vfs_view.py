@@ -814,3 +814,231 @@ async def test_a_write_into_a_stored_chunk_loads_it_without_the_cache(big_view):
     assert await read_all(view, f) == content
     await view.flush_data(f)
     assert fs.pool.out == 0 and await read_all(view, f) == content
+
+
+# -- sparse dirty chunks: page writes into stored chunks -----------------------------------------
+
+
+async def _stored_file(view, name: bytes, size: int, seed: int):
+    """A file of size bytes whose chunks are stored, the read cache emptied."""
+    from snapfs.store.chunks import ChunkCache
+
+    f = mkfile(view, name)
+    content = bytearray(pattern(size, seed=seed))
+    await view.write(f, 0, bytes(content))
+    await view.flush_data(f)
+    view.fs.chunks.cache = ChunkCache(view.fs.chunks.cache.limit)
+    return f, content
+
+
+@trio_test
+async def test_page_writes_into_a_stored_chunk_hold_pages_not_the_chunk(big_view):
+    """A 4 KiB write into a stored 128 KiB chunk neither loads it nor takes a chunk
+    buffer: the dirty limit counts one page. Reads lay the pages over the stored chunk;
+    the store merges them, reading the chunk once."""
+    view = big_view
+    fs = view.fs
+    f, content = await _stored_file(view, b"f", 3 * 128 * 1024 + 5000, seed=11)
+    reads = fs.chunks.reads_inline + fs.chunks.reads_thread
+    for off in (4096, 12288, 128 * 1024 + 0, 2 * 128 * 1024 + 8192):
+        piece = pattern(4096, seed=off)
+        await view.write(f, off, piece)
+        content[off:off + 4096] = piece
+    await view.write(f, 4096, b"Q" * 4096)  # the same page again: still one page
+    content[4096:8192] = b"Q" * 4096
+    assert fs.pool.out == 0 and fs.pool.pages == 4
+    assert fs.dirty_bytes() == 4 * 4096
+    assert all(b.data is None for b in f.buffers.values())
+    assert fs.chunks.reads_inline + fs.chunks.reads_thread == reads  # nothing loaded
+    # a read inside one written page needs no base; others merge pages over the base
+    assert await view.read(f, 4096 + 10, 100) == bytes(content[4106:4206])
+    assert await view.read(f, 0, 20000) == bytes(content[:20000])
+    assert await read_all(view, f) == content
+    # the file's last page, written up to the end of the file (a short chunk stays short)
+    tail = 3 * 128 * 1024 + 4096
+    await view.write(f, tail, b"T" * 904)
+    content[tail:tail + 904] = b"T" * 904
+    assert f.buffers[3].data is None and await read_all(view, f) == content
+    await view.flush_data(f)
+    assert not f.buffers and fs.pool.out == 0 and fs.pool.pages == 0
+    fs.chunks.cache = type(fs.chunks.cache)(fs.chunks.cache.limit)
+    assert await read_all(view, f) == content
+    assert await close_and_fsck(fs, fs.repo.paths.root) == []
+
+
+@trio_test
+async def test_unaligned_writes_and_truncates_make_a_sparse_chunk_whole(big_view):
+    view = big_view
+    fs = view.fs
+    f, content = await _stored_file(view, b"f", 2 * 128 * 1024, seed=12)
+    await view.write(f, 8192, b"P" * 4096)
+    await view.write(f, 128 * 1024 + 4096, b"R" * 4096)
+    content[8192:12288] = b"P" * 4096
+    content[128 * 1024 + 4096:128 * 1024 + 8192] = b"R" * 4096
+    assert fs.pool.pages == 2
+    await view.write(f, 100, b"unaligned")  # loads the base under the page
+    content[100:109] = b"unaligned"
+    assert f.buffers[0].data is not None and fs.pool.out == 1 and fs.pool.pages == 1
+    assert await read_all(view, f) == content
+    await view.setattr(f.ino, size=128 * 1024 + 6000)  # cuts into the sparse chunk
+    del content[128 * 1024 + 6000:]
+    assert f.buffers[1].data is not None and fs.pool.pages == 0
+    await view.setattr(f.ino, size=2 * 128 * 1024)  # what was cut reads as zeros
+    content.extend(bytes(2 * 128 * 1024 - len(content)))
+    assert await read_all(view, f) == content
+    await view.flush_data(f)
+    assert await read_all(view, f) == content
+    assert await close_and_fsck(fs, fs.repo.paths.root) == []
+
+
+@trio_test
+async def test_a_chunk_whose_pages_are_all_written_becomes_whole_without_a_read(big_view):
+    view = big_view
+    fs = view.fs
+    f, content = await _stored_file(view, b"f", 128 * 1024, seed=13)
+    fs.chunks.packs.close()  # any read of the stored chunk would now fail
+    for p in range(31, -1, -1):  # backwards: never a sequential writer
+        await view.write(f, p * 4096, pattern(4096, seed=p))
+    expected = b"".join(pattern(4096, seed=p) for p in range(32))
+    assert f.buffers[0].data is not None and fs.pool.pages == 0 and fs.pool.out == 1
+    assert await read_all(view, f) == expected
+
+
+@trio_test
+async def test_a_sparse_chunk_dropped_or_rewritten_while_its_base_loads(big_view):
+    """A store loads the bases in a worker thread; meanwhile a page is added (it is
+    merged too), or the file is truncated (the buffer is gone: the load is discarded,
+    and the pool's counts stay right)."""
+    from snapfs.vfs.view import store_buffers
+
+    view = big_view
+    fs = view.fs
+    f, content = await _stored_file(view, b"f", 2 * 128 * 1024, seed=14)
+    fs.chunks.packs.nowait = False
+    await view.write(f, 0, b"A" * 4096)
+    await view.write(f, 128 * 1024, b"B" * 4096)
+    content[0:4096] = b"A" * 4096
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store_buffers, fs.chunks, [(view, f, 0), (view, f, 1)])
+        await trio.sleep(0)  # the store is waiting for its loading thread
+        await view.write(f, 8192, b"C" * 4096)
+        await view.setattr(f.ino, size=128 * 1024)  # chunk 1 goes
+    content[8192:12288] = b"C" * 4096
+    del content[128 * 1024:]
+    assert fs.pool.pages == 0 and fs.pool.out == len(f.buffers)
+    assert await read_all(view, f) == content
+    await view.flush_data(f)
+    assert fs.pool.out == 0 and await read_all(view, f) == content
+    assert await close_and_fsck(fs, fs.repo.paths.root) == []
+
+
+_SPARSE_CS = 16 * 1024  # four pages a chunk
+_SPARSE_MAX = 6 * _SPARSE_CS
+sparse_ops = st.lists(st.one_of(
+    st.tuples(st.just("pages"), st.integers(0, _SPARSE_MAX // 4096), st.integers(1, 6)),
+    st.tuples(st.just("write"), st.integers(0, _SPARSE_MAX), st.integers(1, 9000)),
+    st.tuples(st.just("truncate"), st.integers(0, _SPARSE_MAX)),
+    st.tuples(st.just("flush")),
+    st.tuples(st.just("throttle")),
+    st.tuples(st.just("gc")),
+    st.tuples(st.just("reopen")),
+    st.tuples(st.just("commit")),
+), min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=sparse_ops)
+def test_page_writes_and_others_in_any_order_match_a_bytearray(ops):
+    """Whole-page writes (sparse chunks over stored ones), unaligned writes, truncates,
+    stores of the coldest chunks under a dirty limit of three chunks, gc with the read
+    cache emptied, reopening and commits: every read equals a bytearray model, the
+    pool's counts equal what the buffers hold, and fsck is clean at the end. Free pooled
+    buffers are filled with garbage after every step, as reused ones would be."""
+    from snapfs.vfs.view import PAGE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "repo")
+        init_repository(path, _SPARSE_CS)
+
+        async def main():
+            repo = Repository(path)
+            fs = Filesystem(repo, dirty_limit=3 * _SPARSE_CS)
+            fs.graph.create_volume("v")
+            view = fs.volume_view("v")
+            f = view.mknod(ROOT_INO, b"f", FILE, 0, 0, 0)
+            model = bytearray(pattern(_SPARSE_MAX // 2, seed=1))
+            await view.write(f, 0, bytes(model))
+            await view.flush_data(f)
+            labels = (f"c{i}" for i in range(1000))
+            for k, op in enumerate(ops):
+                if op[0] == "pages":
+                    data = pattern(op[2] * PAGE, seed=k)
+                    await view.write(f, op[1] * PAGE, data)
+                    _apply_write(model, op[1] * PAGE, data)
+                elif op[0] == "write":
+                    data = pattern(op[2], seed=k)
+                    await view.write(f, op[1], data)
+                    _apply_write(model, op[1], data)
+                elif op[0] == "truncate":
+                    await view.setattr(f.ino, size=op[1])
+                    _apply_truncate(model, op[1])
+                elif op[0] == "flush":
+                    await view.flush_data(f)
+                    assert not f.buffers
+                elif op[0] == "throttle":
+                    await fs.throttle()
+                    assert fs.dirty_bytes() <= fs.dirty_limit
+                elif op[0] == "gc":
+                    await fs.gc(min_dead_ratio=0.0)
+                    for cid in list(fs.chunks.cache._items):
+                        fs.chunks.cache.drop(cid)
+                elif op[0] == "reopen":
+                    await fs.sync()
+                    repo.close()
+                    repo = Repository(path)
+                    fs = Filesystem(repo, dirty_limit=3 * _SPARSE_CS)
+                    view = fs.volume_view("v")
+                    f = view.lookup(ROOT_INO, b"f")
+                elif op[0] == "commit":
+                    await fs.commit(view, next(labels))
+                for free in fs.pool._free:  # pooled buffers hold stale bytes
+                    free[:] = b"\xee" * len(free)
+                bufs = f.buffers.values()
+                assert fs.pool.pages == sum(len(b.pages) for b in bufs if b.data is None)
+                assert fs.pool.out == sum(1 for b in bufs if b.data is not None)
+                assert f.size == len(model)
+                assert await view.read(f, 0, 2 * _SPARSE_MAX) == bytes(model)
+            await fs.sync()
+            assert await read_all(view, f) == bytes(model)
+            assert await close_and_fsck(fs, path) == []
+
+        trio.run(main)
+
+
+@trio_test
+async def test_over_the_limit_the_fewest_writes_per_page_held_are_stored_first(big_view):
+    """A sparse chunk costs the limit its pages; storing one costs a whole merge.
+    Coldest is the fewest writes per page held, then dirtied first: a page rewritten
+    again and again stays, and of equally cold chunks the oldest goes first."""
+    view = big_view
+    fs = view.fs
+    f, content = await _stored_file(view, b"f", 4 * 128 * 1024, seed=15)
+    fs.dirty_limit = 8 * 4096
+    f.opens += 1
+    for _ in range(10):  # chunk 1: one page, ten writes
+        await view.write(f, 128 * 1024, b"H" * 4096)
+    for p in range(4):  # chunk 0: four pages, once each, dirtied first
+        await view.write(f, p * 4096, b"O" * 4096)
+    for p in range(3):  # chunk 2: three pages, once each, dirtied last
+        await view.write(f, 2 * 128 * 1024 + p * 4096, b"N" * 4096)
+    f.buffers[0].born, f.buffers[1].born, f.buffers[2].born = 1.0, 2.0, 3.0
+    await fs.throttle()
+    assert sorted(f.buffers) == [0, 1, 2]  # eight pages: at the limit, not beyond
+    await view.write(f, 3 * 128 * 1024, b"X" * 4096)
+    await fs.throttle()  # one page over, plus an eighth: chunk 0's four pages go
+    assert sorted(f.buffers) == [1, 2, 3] and fs.dirty_bytes() <= fs.dirty_limit
+    content[128 * 1024:128 * 1024 + 4096] = b"H" * 4096
+    content[0:4 * 4096] = b"O" * 4 * 4096
+    content[2 * 128 * 1024:2 * 128 * 1024 + 3 * 4096] = b"N" * 3 * 4096
+    content[3 * 128 * 1024:3 * 128 * 1024 + 4096] = b"X" * 4096
+    assert await read_all(view, f) == content
