@@ -393,7 +393,9 @@ class ChunkManager:
                 sizes[i] = n
             else:
                 todo.append((i, cid, self.location(cid), out))
-        if todo:
+        if len(todo) == 1:  # one record: inline when it is in the page cache, no hop
+            sizes[todo[0][0]] = await self.read_into(todo[0][1], todo[0][3])
+        elif todo:
             self.reads_thread += len(todo)
             failed = await trio.to_thread.run_sync(self._read_many_sync, todo, sizes)
             for i in failed:

@@ -881,18 +881,21 @@ class View:
         self.fs.note_dirty(self, node, idx)
         return buf
 
-    def _write_pages(self, buf: DirtyChunk, start: int, data: memoryview) -> None:
+    def _write_pages(self, buf: DirtyChunk, start: int, data: bytes | memoryview) -> None:
         """Whole pages into a sparse chunk; a last partial page (at the end of the file)
         is padded with zeros. Once every page is there, the buffer becomes a whole one
         without reading its base."""
         pages = buf.pages
         assert pages is not None
         before = len(pages)
-        for pos in range(0, len(data), PAGE):
-            page = bytes(data[pos:pos + PAGE])
-            if len(page) < PAGE:
-                page += bytes(PAGE - len(page))
-            pages[(start + pos) // PAGE] = page
+        if type(data) is bytes and len(data) == PAGE:  # the common case: kept, not copied
+            pages[start // PAGE] = data
+        else:
+            for pos in range(0, len(data), PAGE):
+                page = bytes(data[pos:pos + PAGE])
+                if len(page) < PAGE:
+                    page += bytes(PAGE - len(page))
+                pages[(start + pos) // PAGE] = page
         pool = self.fs.pool
         pool.pages += len(pages) - before
         if len(pages) * PAGE == self.chunk_size:
@@ -1017,6 +1020,17 @@ class View:
                     self.fs.note_complete(self, node, idx)
             if stop > buf.length:
                 buf.length = stop
+            buf.gen += 1
+            if end > node.size:
+                node.size = end
+            node.mtime_ns = node.ctime_ns = now_ns()
+            if not node.dirty:
+                self._mark_dirty(node)
+            return n
+        if (buf is not None and buf.data is None and not start % PAGE and start + n <= cs
+                and (not n % PAGE or end >= node.size)):
+            # fast path: whole pages into a sparse chunk
+            self._write_pages(buf, start, data)
             buf.gen += 1
             if end > node.size:
                 node.size = end

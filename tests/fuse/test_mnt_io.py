@@ -300,7 +300,8 @@ def test_dirty_limit_option_bounds_unstored_data_of_an_open_file(tmp_path):
 def test_page_writes_into_a_stored_file_hold_pages_under_the_dirty_limit(tmp_path):
     """Random 4 KiB writes into a file already stored keep only the written pages in
     memory (sparse chunks), not a loaded chunk per write: 3,000 of them over 64 MiB stay
-    within a 16 MiB limit with nothing stored until fsync, which merges them."""
+    within a 16 MiB limit with nothing stored until fsync, which merges them (loading
+    each chunk written into would have taken nearly the whole file, 64 MiB)."""
     import random
 
     from fusehelpers import Mount

@@ -604,3 +604,35 @@ def test_read_into_an_encrypted_chunk(tmp_path):
             trio.run(damaged.read_into, cid, memoryview(bytearray(16_384)))
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_read_many_into_loads_a_batch_with_one_thread_hop(tmp_path, encrypted):
+    """The bases of sparse dirty chunks, loaded when a batch of them is stored: cached
+    chunks are copied, the others read (and decrypted) in one worker thread; a short
+    payload leaves the rest of its buffer alone; a damaged record is reported by name."""
+    from snapfs.crypto.aead import Aead
+
+    s = Store(tmp_path / "m")
+    try:
+        if encrypted:
+            s.cm.aead = Aead(bytes(range(32, 64)))
+        payloads = [os.urandom(8192), os.urandom(3000), os.urandom(8192)]
+        ids = [trio.run(s.cm.put, p) for p in payloads]
+        fresh = s.fresh_manager()
+        fresh.aead = s.cm.aead
+        trio.run(fresh.get, ids[1])  # one of them cached
+        outs = [bytearray(b"\xee" * 8192) for _ in ids]
+        sizes = trio.run(fresh.read_many_into, list(zip(ids, map(memoryview, outs),
+                                                        strict=True)))
+        assert sizes == [8192, 3000, 8192]
+        assert outs[0] == payloads[0] and outs[2] == payloads[2]
+        assert outs[1][:3000] == payloads[1] and outs[1][3000:] == b"\xee" * 5192
+        assert fresh.reads_thread == 2 and fresh.cache.get(ids[0]) is None
+        s.damage(ids[2], at=100)
+        again = s.fresh_manager()
+        again.aead = s.cm.aead
+        with pytest.raises(IntegrityError, match=f"chunk {ids[2]}"):
+            trio.run(again.read_many_into, [(i, memoryview(bytearray(8192))) for i in ids])
+    finally:
+        s.close()
