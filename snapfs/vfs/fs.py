@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import trio
 
-from snapfs.errors import FsError, NotFound, Refused
+from snapfs.errors import FsError, IntegrityError, NotFound, Refused
 from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
@@ -113,6 +113,7 @@ class Filesystem:
         self._checkpoint_wanted = trio.Event()
         self.checkpoints = 0
         self._last_dirty = time.monotonic()  # when dirty data was last seen (trim_pool)
+        self._damage_reported: set[str] = set()  # write-back errors already logged
         if clean_orphans:
             self._clean_orphans()
 
@@ -274,8 +275,17 @@ class Filesystem:
         await self._store(items)
 
     async def _store(self, items: list, batch: int = 64) -> None:
+        """Store for the write-back policy: a chunk that cannot be merged with its damaged
+        stored base stays dirty and is reported once in the log (and by EIO to fsync of
+        its file), instead of stopping the write-back of everything else."""
         for i in range(0, len(items), batch):
-            await store_buffers(self.chunks, items[i:i + batch])
+            try:
+                await store_buffers(self.chunks, items[i:i + batch])
+            except IntegrityError as e:
+                if str(e) not in self._damage_reported:
+                    self._damage_reported.add(str(e))
+                    log.error("write-back: %s; the pages written over it stay in memory "
+                              "and fsync of that file reports EIO", e)
         for key, (_view, node) in list(self._dirty.items()):
             if not node.buffers:
                 del self._dirty[key]

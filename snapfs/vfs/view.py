@@ -854,7 +854,9 @@ class View:
         while (buf := node.buffers.get(idx)) is not None:
             if buf.pages is None or sparse:
                 return buf
-            await materialize(self.fs, [buf])  # then look again: it may be gone
+            error = await materialize(self.fs, [buf])  # then look again: it may be gone
+            if error is not None:
+                raise error
         chunk = self.block(node, idx)
         if chunk and not whole and sparse:
             buf = node.buffers[idx] = DirtyChunk(None, -1, 0, time.monotonic(), False,
@@ -1096,27 +1098,28 @@ def _payload_len(data: bytearray, n: int) -> int:
         return start + len(bytes(mv[start:n]).rstrip(b"\0"))
 
 
-async def materialize(fs: Filesystem, bufs: list[DirtyChunk]) -> None:
+async def materialize(fs: Filesystem, bufs: list[DirtyChunk]) -> IntegrityError | None:
     """Make sparse dirty chunks whole: each base is loaded into a pool buffer (one
     worker-thread hop for the batch; none for a chunk whose pages cover it), zeros fill
     what the base does not, and the pages (also those written meanwhile) go over it.
-    A buffer made whole or dropped meanwhile is left alone."""
+    A buffer made whole or dropped meanwhile is left alone. A base that fails its checks
+    (damage) leaves its buffer sparse, and the first such error is returned for the
+    caller to report: the other buffers of the batch are not held back by it."""
     todo = list({id(b): b for b in bufs if b.data is None and b.pages is not None}.values())
     if not todo:
-        return
+        return None
     pool, cs = fs.pool, fs.chunk_size
     contents = [pool.take() for _ in todo]
     try:
         load = [i for i, b in enumerate(todo) if len(b.pages) * PAGE < cs]
-        sizes = dict(zip(load, await fs.chunks.read_many_into(
-            [(todo[i].base, memoryview(contents[i])) for i in load]), strict=True))
+        sizes, error = await _load_bases(fs, [(i, todo[i].base, contents[i]) for i in load])
     except BaseException:
         for content in contents:
             pool.untake(content)
         raise
     for i, (buf, content) in enumerate(zip(todo, contents, strict=True)):
         pages = buf.pages
-        if pages is None or buf.data is not None:
+        if pages is None or buf.data is not None or (i in load and i not in sizes):
             pool.untake(content)
             continue
         n = sizes.get(i, 0)
@@ -1127,6 +1130,27 @@ async def materialize(fs: Filesystem, bufs: list[DirtyChunk]) -> None:
         pool.pages -= len(pages)
         buf.data, buf.pages, buf.base = content, None, 0
         buf.length = max(n, (max(pages) + 1) * PAGE if pages else 0)
+    return error
+
+
+async def _load_bases(fs: Filesystem, items: list[tuple[int, int, bytearray]]
+                      ) -> tuple[dict[int, int], IntegrityError | None]:
+    """Load (key, chunk, into) items: {key: payload length}, and the first damage met
+    (its item is left out); on damage the batch is read again one by one."""
+    reads = [(chunk, memoryview(into)) for _, chunk, into in items]
+    try:
+        sizes = await fs.chunks.read_many_into(reads)
+        return {key: n for (key, _, _), n in zip(items, sizes, strict=True)}, None
+    except IntegrityError:
+        pass
+    result: dict[int, int] = {}
+    error = None
+    for (key, _, _), read in zip(items, reads, strict=True):
+        try:
+            result[key] = (await fs.chunks.read_many_into([read]))[0]
+        except IntegrityError as e:
+            error = error or e
+    return result, error
 
 
 async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
@@ -1141,12 +1165,11 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     # (View._thaw), so what is hashed is exactly what is appended.
     sparse = [buf for _, node, idx in items
               if (buf := node.buffers.get(idx)) is not None and buf.data is None]
-    if sparse:
-        await materialize(items[0][0].fs, sparse)
+    error = await materialize(items[0][0].fs, sparse) if sparse else None
     work = []
     for view, node, idx in items:
         buf = node.buffers.get(idx)
-        if buf is None or any(w[3] is buf for w in work):
+        if buf is None or buf.data is None or any(w[3] is buf for w in work):
             continue
         cs = view.chunk_size
         valid = min(cs, max(0, node.size - idx * cs))
@@ -1175,6 +1198,8 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
                 view.fs.pool.give(node.buffers.pop(idx))
     finally:
         chunks.unpin(ids)
+    if error is not None:  # a damaged base: its chunk stays dirty, the caller hears of it
+        raise error
 
 
 class PinnedView(View):

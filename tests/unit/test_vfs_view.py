@@ -8,6 +8,7 @@ import os
 import stat
 import sys
 import tempfile
+import time
 
 import pytest
 import trio
@@ -28,7 +29,7 @@ from unithelpers import (
     write_file,
 )
 
-from snapfs.errors import FsError
+from snapfs.errors import FsError, IntegrityError
 from snapfs.repository import Repository
 from snapfs.store.repo import init_repository
 from snapfs.types import ROOT_INO
@@ -1042,3 +1043,44 @@ async def test_over_the_limit_the_fewest_writes_per_page_held_are_stored_first(b
     content[2 * 128 * 1024:2 * 128 * 1024 + 3 * 4096] = b"N" * 3 * 4096
     content[3 * 128 * 1024:3 * 128 * 1024 + 4096] = b"X" * 4096
     assert await read_all(view, f) == content
+
+
+def _damage_chunk(fs, cid: int) -> None:
+    """Flip a byte inside chunk cid's record in its pack file."""
+    from snapfs.store.packs import RECORD_OVERHEAD, pack_name
+
+    pack, offset = fs.cat.execute("SELECT pack, offset FROM chunks WHERE id=?",
+                                  (cid,)).fetchone()
+    fs.chunks.packs.sync()
+    with open(os.path.join(fs.repo.paths.packs, pack_name(pack)), "r+b") as f:
+        f.seek(offset + RECORD_OVERHEAD + 100)
+        b = f.read(1)
+        f.seek(offset + RECORD_OVERHEAD + 100)
+        f.write(bytes([b[0] ^ 1]))
+
+
+@trio_test
+async def test_a_page_written_over_a_damaged_chunk_is_reported_not_merged(big_view, caplog):
+    """The damage is found when the base is read at store time: that chunk stays dirty
+    and its file's fsync fails (EIO); the write-back of everything else goes on, and
+    logs the damage once. An unaligned write into it fails at once, as before."""
+    view = big_view
+    fs = view.fs
+    bad, _ = await _stored_file(view, b"bad", 128 * 1024, seed=17)
+    good, content = await _stored_file(view, b"good", 128 * 1024, seed=18)
+    _damage_chunk(fs, view.block(bad, 0))
+    bad.opens += 1
+    await view.write(bad, 8192, b"B" * 4096)
+    await view.write(good, 8192, b"G" * 4096)
+    content[8192:12288] = b"G" * 4096
+    for _ in range(2):
+        await fs.write_back(now=time.monotonic() + fs.dirty_expire + 1)
+    assert not good.buffers and sorted(bad.buffers) == [0]
+    assert await read_all(view, good) == content
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "write-back" in r.message]
+    assert len(errors) == 1 and f"chunk {view.block(bad, 0)}" in errors[0].message
+    with pytest.raises(IntegrityError):
+        await view.flush_data(bad)
+    with pytest.raises(IntegrityError):
+        await view.write(bad, 100, b"x")
+    assert fs.pool.pages == 1 and fs.pool.out == 0
