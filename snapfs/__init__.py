@@ -1,4 +1,6 @@
 """snapfs: every snapshot of a tree as a read-write directory, over a copy-on-write chunk store."""
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 1
+# 2: chunk identities are keyed BLAKE3 (format 1, still read: HMAC-SHA256)
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)

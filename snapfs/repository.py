@@ -38,6 +38,7 @@ class Repository:
             id_key = self.config.id_key if self.keys is None else self.keys.id_key
             aead = None if self.keys is None else Aead(self.keys.data_key)
             self.chunks = ChunkManager(self.cat, self.packs, id_key, aead=aead,
+                                       id_hash=self.config.id_hash,
                                        cache_bytes=cache_bytes)
             self.graph = Graph(self.cat)
             self.cat.commit()

@@ -8,7 +8,7 @@ derived from it with HKDF-SHA256 under a distinct label, so that each key has on
     meta_key  AES-256-GCM of symlink targets, xattrs,
               site keys held by the repository             (random nonces)
     name_key  deterministic AES-256-GCM of file names      (Aead(keys.name_key).seal_det)
-    id_key    HMAC-SHA256 key of chunk identities: dedup works, but equality of
+    id_key    key of chunk identities (keyed BLAKE3): dedup works, but equality of
               plaintext is invisible without the key
 
 The master is stored only wrapped (AES-256-GCM) under a key derived from the user's

@@ -20,7 +20,8 @@ is the nearest ancestor-or-self of v (see vfs/view.py).
     blocks(ino, idx, vertex, chunk)           chunk 0 = a hole (or truncated away)
     xattrs(ino, name, vertex, value)          value NULL = removed here
     chunks(id, hash, pack, offset, length, raw_len)
-        hash = HMAC-SHA256(id key, plaintext): the identity used for deduplication.
+        hash = keyed BLAKE3 (format 1: HMAC-SHA256) of the plaintext under the id key:
+        the identity used for deduplication.
         A chunk in no vertex's added set is held by nothing: garbage for the collector.
     site_keys(site, wrapped)   keys of remote sites, wrapped under a repository key
     imports(bundle, vertex, imported)   bundles already imported (a replay is a no-op)

@@ -1,11 +1,12 @@
 """Chunks by identity: deduplication, the chunk index, a read cache and integrity checks.
 
-A chunk's identity is HMAC-SHA256(id key, plaintext) with a per-repository random key,
-so equal plaintexts deduplicate but nobody without the key learns which chunks are equal
-(the key is wrapped in an encrypted repository). The index row (chunks table) maps the
+A chunk's identity is a keyed hash of its plaintext under a per-repository random key
+(BLAKE3 in keyed mode; HMAC-SHA256 in repositories of format 1), so equal plaintexts
+deduplicate but nobody without the key learns which chunks are equal (the key is wrapped
+in an encrypted repository). The index row (chunks table) maps the
 identity to a chunk id and the record's place in a pack file.
 
-Hashing and pack writes run in worker threads (hashlib and os.pwrite release the GIL);
+Hashing and pack writes run in worker threads (blake3, hashlib and os.pwrite release the GIL);
 the index is touched only from the calling (trio) thread, between awaits, so each put is
 atomic with respect to other handlers. Two concurrent puts of the same new content share
 one record: the second waits for the first.
@@ -34,6 +35,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import trio
+from blake3 import blake3
 
 from snapfs.crypto.aead import OVERHEAD as AEAD_OVERHEAD
 from snapfs.crypto.aead import Aead
@@ -90,10 +92,13 @@ class ChunkCache:
 class ChunkManager:
     def __init__(self, catalog: Catalog, packs: PackStore, id_key: bytes, *,
                  cache_bytes: int | None = None, aead: Aead | None = None,
-                 locations_limit: int = LOCATIONS_LIMIT) -> None:
+                 locations_limit: int = LOCATIONS_LIMIT, id_hash: str = "blake3") -> None:
         self.cat = catalog
         self.packs = packs
         self.id_key = id_key
+        if id_hash not in ("blake3", "hmac-sha256"):
+            raise ValueError(f"unknown chunk identity hash {id_hash!r}")
+        self.id_hash = id_hash
         self.aead = aead  # encrypted repository: every record is an AES-GCM envelope
         self.cache = ChunkCache(default_cache_bytes() if cache_bytes is None else cache_bytes)
         self._where: dict[int, tuple[ChunkLocation, bytes]] = {}  # see the module docstring
@@ -105,6 +110,9 @@ class ChunkManager:
         self.pinned: Counter[int] = Counter()
 
     def identity(self, payload: bytes) -> bytes:
+        """The chunk identity: 32 bytes, keyed (any thread; the GIL is released)."""
+        if self.id_hash == "blake3":
+            return blake3(payload, key=self.id_key).digest()
         return hmac.digest(self.id_key, payload, "sha256")
 
     # -- writing ---------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import secrets
 import shutil
 from dataclasses import dataclass
 
-from snapfs import FORMAT_VERSION
+from snapfs import FORMAT_VERSION, READABLE_FORMATS
 from snapfs.errors import AlreadyExists, FormatError, NotARepository, RepositoryLocked, UsageError
 
 CONFIG = "snapfs.json"
@@ -37,8 +37,14 @@ class RepoConfig:
     format: int
     chunk_size: int
     repo_id: str
-    id_key: bytes  # keys the chunk identities (HMAC-SHA256 of the plaintext)
+    id_key: bytes  # keys the chunk identities (keyed hash of the plaintext)
     encryption: dict | None = None
+
+    @property
+    def id_hash(self) -> str:
+        """The keyed hash of chunk identities, fixed by the format at init: changing it
+        would make every stored chunk look new to deduplication."""
+        return "hmac-sha256" if self.format == 1 else "blake3"
 
     def to_json(self) -> dict:
         return {
@@ -132,9 +138,9 @@ def load_config(root: str) -> RepoConfig:
     if not isinstance(raw, dict):
         raise FormatError(f"{paths.config} is damaged (not a JSON object)")
     fmt = raw.get("format")
-    if fmt != FORMAT_VERSION:
-        raise FormatError(f"{paths.root} has format {fmt}; this snapfs reads format "
-                          f"{FORMAT_VERSION} only")
+    if fmt not in READABLE_FORMATS:
+        raise FormatError(f"{paths.root} has format {fmt}; this snapfs reads formats "
+                          f"{', '.join(map(str, READABLE_FORMATS))}")
     try:
         config = RepoConfig(fmt, int(raw["chunk_size"]), raw["repo_id"],
                             bytes.fromhex(raw["id_key"]), raw.get("encryption"))

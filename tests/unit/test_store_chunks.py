@@ -60,13 +60,20 @@ def st(tmp_path):
     s.close()
 
 
-def test_identity_is_keyed_hmac_sha256(st, tmp_path):
+def test_identity_is_keyed_blake3_or_hmac_sha256_in_old_repositories(st, tmp_path):
+    from blake3 import blake3
+
     payload = b"some chunk"
-    assert st.cm.identity(payload) == hmac.digest(KEY, payload, "sha256")
-    assert st.cm.identity(payload) != hashlib.sha256(payload).digest()  # keyed, not bare
+    assert st.cm.identity(payload) == blake3(payload, key=KEY).digest()
+    assert st.cm.identity(payload) != blake3(payload).digest()  # keyed, not bare
     other = ChunkManager(st.cat, st.packs, b"\x01" * 32)
     assert other.identity(payload) != st.cm.identity(payload)
     assert st.cm.identity(b"a") != st.cm.identity(b"b")
+    old = ChunkManager(st.cat, st.packs, KEY, id_hash="hmac-sha256")
+    assert old.identity(payload) == hmac.digest(KEY, payload, "sha256")
+    assert old.identity(payload) != hashlib.sha256(payload).digest()
+    with pytest.raises(ValueError, match="identity hash"):
+        ChunkManager(st.cat, st.packs, KEY, id_hash="md5")
 
 
 def test_put_dedups_same_payload(st):

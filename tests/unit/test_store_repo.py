@@ -178,13 +178,40 @@ def _rewrite(root: str, **changes) -> None:
         json.dump(raw, f)
 
 
-@pytest.mark.parametrize("fmt", [0, 2, 99, None, "1"])
+@pytest.mark.parametrize("fmt", [0, 3, 99, None, "1"])
 def test_load_config_wrong_format_version(tmp_path, fmt):
     root = str(tmp_path / "r")
     init_repository(root)
     _rewrite(root, format=fmt)
     with pytest.raises(FormatError, match="format"):
         load_config(root)
+
+
+def test_format_1_repositories_keep_hmac_sha256_identities(tmp_path):
+    """A repository made before format 2 still opens, and its chunks are still found by
+    their HMAC-SHA256 identities (a new hash would make every chunk look new); a new one
+    uses keyed BLAKE3."""
+    import hmac
+
+    from blake3 import blake3
+
+    from snapfs.repository import Repository
+
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    init_repository(old, 4096)
+    init_repository(new, 4096)
+    _rewrite(old, format=1)
+    for root, expect in ((old, lambda key, p: hmac.digest(key, p, "sha256")),
+                         (new, lambda key, p: blake3(p, key=key).digest())):
+        repo = Repository(root, holder="unit test")
+        try:
+            payload = b"chunk" * 100
+            cid = repo.chunks.put_sync(payload)
+            digest = repo.cat.execute("SELECT hash FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+            assert digest == expect(repo.config.id_key, payload)
+            assert repo.chunks.put_sync(payload) == cid  # deduplicated by that identity
+        finally:
+            repo.close()
 
 
 @pytest.mark.parametrize("changes", [
