@@ -1023,22 +1023,14 @@ class View:
             if stop > buf.length:
                 buf.length = stop
             buf.gen += 1
-            if end > node.size:
-                node.size = end
-            node.mtime_ns = node.ctime_ns = now_ns()
-            if not node.dirty:
-                self._mark_dirty(node)
+            self._written(node, end)
             return n
         if (buf is not None and buf.data is None and not start % PAGE and start + n <= cs
                 and (not n % PAGE or end >= node.size)):
             # fast path: whole pages into a sparse chunk
             self._write_pages(buf, start, data)
             buf.gen += 1
-            if end > node.size:
-                node.size = end
-            node.mtime_ns = node.ctime_ns = now_ns()
-            if not node.dirty:
-                self._mark_dirty(node)
+            self._written(node, end)
             return n
         view = memoryview(data)
         pos = offset
@@ -1072,6 +1064,14 @@ class View:
         node.mtime_ns = node.ctime_ns = now_ns()
         self._mark_dirty(node)
         return len(data)
+
+    def _written(self, node: Inode, end: int) -> None:
+        """After a write ending at end: size, times, and the inode on the dirty list."""
+        if end > node.size:
+            node.size = end
+        node.mtime_ns = node.ctime_ns = now_ns()
+        if not node.dirty:
+            self._mark_dirty(node)
 
     async def flush_blocks(self, node: Inode, idxs: list[int]) -> None:
         """Store dirty buffers as chunks (deduplicated) and point the blocks at them."""
