@@ -99,6 +99,7 @@ class Filesystem:
         self._dirty: dict[tuple[int, int], tuple[View, Inode]] = {}
         self._sync_lock = trio.Lock()
         self._throttle_lock = trio.Lock()
+        self._gc_lock = trio.Lock()
         self._complete: list[tuple[View, Inode, int]] = []  # filled by sequential writers
         self._complete_wake = trio.Event()
         self._complete_worker_running = False  # without it (tests, CLI) nothing is queued
@@ -409,7 +410,13 @@ class Filesystem:
         return accounting.shared_chunks(self.graph.vertices.values())[0]
 
     async def gc(self, compact: bool = True, min_dead_ratio: float = 0.25) -> dict:
-        """Free unheld chunks, then compact packs (throttled). Safe while mounted."""
+        """Free unheld chunks, then compact packs (throttled). Safe while mounted.
+        Collections run one at a time: the background pass and `snapfs gc` would
+        otherwise both compact (and remove) the same packs."""
+        async with self._gc_lock:
+            return await self._gc(compact, min_dead_ratio)
+
+    async def _gc(self, compact: bool, min_dead_ratio: float) -> dict:
         await self.flush_dirty()
         freed = self.collector.free(self.held_chunks())
         await self.commit_catalog(durable=False)

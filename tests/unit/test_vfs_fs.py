@@ -753,6 +753,34 @@ async def test_fsck_is_clean_after_deleting_the_snapshot_that_held_a_deleted_fil
 
 
 @trio_test
+async def test_two_collections_at_once_run_one_after_the_other(fs, view, repo_path):
+    """The background pass collects after a deletion while `snapfs gc` asks for it too:
+    both computed the same packs to compact, and the second failed removing a pack the
+    first had removed (FileNotFoundError in the daemon's log, seen in CI)."""
+    import trio
+
+    await write_file(view, b"f", pattern(8 * CS, seed=12))
+    await write_file(view, b"g", pattern(3 * CS, seed=13))
+    await fs.commit(view, "s1")
+    view.unlink(ROOT_INO, b"f")
+    await fs.commit(view, "s2")
+    await fs.delete_snapshot("v@s1")
+    results = []
+
+    async def collect():
+        results.append(await fs.gc(min_dead_ratio=0.0))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(collect)
+        nursery.start_soon(collect)
+    assert sorted(r["freed_chunks"] for r in results) == [0, 8]
+    assert sum(r["removed_packs"] for r in results) >= 1
+    assert await read_all(fs.snapshot_view("v@s2"), fs.snapshot_view("v@s2").lookup(
+        ROOT_INO, b"g")) == pattern(3 * CS, seed=13)
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
 async def test_a_write_during_a_store_thaws_the_buffer_and_the_chunk_stays_exact(fs, view,
                                                                                 repo_path):
     from snapfs.vfs.view import store_buffers
