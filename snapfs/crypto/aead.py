@@ -53,7 +53,7 @@ operations"); below that, threads only add contention. Sealing chunks from worke
 calling thread. Per 128 KiB chunk, one thread, hot cache: seal 20.6 us (including the
 header+nonce concatenation copy), open 14.5 us (zero-copy via memoryview), against 74 us
 for the HMAC-SHA256 chunk identity of format 1 (1.7 GiB/s; keyed BLAKE3, used since
-format 2, takes about 21 us): the keyed hash, not the cipher, was the expensive part of
+format 2, takes about 22 us): the keyed hash, not the cipher, was the expensive part of
 the write path. With a 256 MiB working set (no cache reuse): open 4.5
 GiB/s, seal 4.7 GiB/s. The output buffer is allocated with the GIL held, so for a single
 huge input (256 MiB) the GIL is held for most of the call; irrelevant at chunk sizes.

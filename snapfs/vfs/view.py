@@ -1100,8 +1100,9 @@ def _payload_len(data: bytearray, n: int) -> int:
 
 async def materialize(fs: Filesystem, bufs: list[DirtyChunk]) -> IntegrityError | None:
     """Make sparse dirty chunks whole: each base is loaded into a pool buffer (one
-    worker-thread hop for the batch; none for a chunk whose pages cover it), zeros fill
-    what the base does not, and the pages (also those written meanwhile) go over it.
+    worker-thread hop for the batch; a chunk whose pages would cover it is already whole,
+    see _write_pages), zeros fill what the base does not, and the pages (also those
+    written meanwhile) go over it.
     A buffer made whole or dropped meanwhile is left alone. A base that fails its checks
     (damage) leaves its buffer sparse, and the first such error is returned for the
     caller to report: the other buffers of the batch are not held back by it."""
@@ -1111,18 +1112,19 @@ async def materialize(fs: Filesystem, bufs: list[DirtyChunk]) -> IntegrityError 
     pool, cs = fs.pool, fs.chunk_size
     contents = [pool.take() for _ in todo]
     try:
-        load = [i for i, b in enumerate(todo) if len(b.pages) * PAGE < cs]
-        sizes, error = await _load_bases(fs, [(i, todo[i].base, contents[i]) for i in load])
+        sizes, error = await _load_bases(
+            fs, [(i, buf.base, content) for i, (buf, content) in
+                 enumerate(zip(todo, contents, strict=True))])
     except BaseException:
         for content in contents:
             pool.untake(content)
         raise
     for i, (buf, content) in enumerate(zip(todo, contents, strict=True)):
         pages = buf.pages
-        if pages is None or buf.data is not None or (i in load and i not in sizes):
+        if pages is None or buf.data is not None or i not in sizes:
             pool.untake(content)
             continue
-        n = sizes.get(i, 0)
+        n = sizes[i]
         with memoryview(content) as mv:
             mv[n:] = bytes(cs - n)
             for p, page in pages.items():
