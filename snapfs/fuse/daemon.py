@@ -13,53 +13,18 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import pyfuse3
 import trio
 
 from snapfs import control
 from snapfs.errors import SnapfsError, UsageError
+from snapfs.fuse.loopwatch import LoopWatch
 from snapfs.fuse.ops import SnapfsOperations
 from snapfs.repository import Repository
 from snapfs.vfs.fs import Filesystem
 
 log = logging.getLogger("snapfs.daemon")
-
-
-class StallMonitor(trio.abc.Instrument):
-    """Measures how long one task step holds the event loop (every other request waits).
-
-    The figures are reported in .snapfs/stats ("event_loop") so that stalls are measured
-    on the real daemon under real load; steps over 100 ms are logged.
-    """
-
-    def __init__(self) -> None:
-        self.max_ms = 0.0
-        self.max_task = ""
-        self.over_10ms = 0
-        self.over_100ms = 0
-        self.steps = 0
-        self._start = 0.0
-
-    def before_task_step(self, task) -> None:
-        self._start = time.perf_counter()
-
-    def after_task_step(self, task) -> None:
-        ms = (time.perf_counter() - self._start) * 1000
-        self.steps += 1
-        if ms > 10:
-            self.over_10ms += 1
-            if ms > 100:
-                self.over_100ms += 1
-                log.info("event loop held for %.0f ms by %s", ms, task.name)
-            if ms > self.max_ms:
-                self.max_ms, self.max_task = ms, task.name
-
-    def report(self) -> dict:
-        return {"task_steps": self.steps, "max_step_ms": round(self.max_ms, 1),
-                "max_step_task": self.max_task, "steps_over_10ms": self.over_10ms,
-                "steps_over_100ms": self.over_100ms}
 
 
 def setup_logging(path: str | None, debug: bool = False) -> None:
@@ -175,10 +140,10 @@ def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None
     log.info("mounted %s at %s (chunk size %d)", repo.paths.root, mnt, repo.chunk_size)
     ok = False
     try:
-        monitor = StallMonitor()
-        fs.extra_stats["event_loop"] = monitor.report
+        watch = LoopWatch()
+        fs.extra_stats["event_loop"] = watch.report
         fs.extra_stats["chunk_reads"] = repo.chunks.read_stats
-        trio.run(_main, fs, repo, commit_every, ready_fd, instruments=[monitor])
+        trio.run(_main, fs, repo, commit_every, ready_fd, watch)
         ok = True
     finally:
         pyfuse3.close(unmount=ok)
@@ -195,8 +160,9 @@ def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None
 
 
 async def _main(fs: Filesystem, repo: Repository, commit_every: float | None,
-                ready_fd: int | None) -> None:
+                ready_fd: int | None, watch: LoopWatch) -> None:
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
         nursery.start_soon(fs.background)
         nursery.start_soon(control.serve, fs, repo.paths.sock)
         nursery.start_soon(_signals)

@@ -1,0 +1,69 @@
+"""The event-loop stall measurement: a blocking call is measured and named, short steps
+are not counted."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from snapfs.fuse.loopwatch import LoopWatch
+
+
+def _blocks_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # what a blocking SQLite call or a hash on the loop thread does
+
+
+async def _run_with_watch(watch: LoopWatch, body) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch.run)
+        await trio.sleep(0.05)  # a few heartbeats first
+        await body()
+        await trio.sleep(0.05)  # the late heartbeat is recorded after the hold
+        nursery.cancel_scope.cancel()
+
+
+def test_a_long_hold_is_measured_logged_and_named(caplog):
+    watch = LoopWatch(period=0.005, log_after=0.1)
+
+    async def body():
+        _blocks_the_loop(0.25)
+
+    with caplog.at_level(logging.INFO, logger="snapfs.daemon"):
+        trio.run(_run_with_watch, watch, body)
+    report = watch.report()
+    assert report["held_over_100ms"] == 1 and report["held_over_10ms"] == 1
+    assert 200 <= report["max_held_ms"] < 1000
+    assert "_blocks_the_loop" in report["max_held_in"], report
+    assert report["heartbeats"] >= 10
+    held = [r.getMessage() for r in caplog.records if "event loop held" in r.getMessage()]
+    assert len(held) == 1 and "_blocks_the_loop" in held[0], held
+
+
+def test_short_steps_are_not_counted_as_holds():
+    watch = LoopWatch(period=0.005, log_after=0.1)
+
+    async def body():
+        for _ in range(20):  # 2 ms holds: many steps, none long
+            _blocks_the_loop(0.002)
+            await trio.sleep(0)
+
+    trio.run(_run_with_watch, watch, body)
+    report = watch.report()
+    assert report["held_over_10ms"] == 0 and report["held_over_100ms"] == 0, report
+    assert report["max_held_in"] == ""
+
+
+def test_a_medium_hold_is_counted_without_a_log_line(caplog):
+    watch = LoopWatch(period=0.005, log_after=0.5)
+
+    async def body():
+        _blocks_the_loop(0.05)
+
+    with caplog.at_level(logging.INFO, logger="snapfs.daemon"):
+        trio.run(_run_with_watch, watch, body)
+    report = watch.report()
+    assert report["held_over_10ms"] == 1 and report["held_over_100ms"] == 0, report
+    assert report["max_held_ms"] >= 40
+    assert not [r for r in caplog.records if "event loop held" in r.getMessage()]
