@@ -140,7 +140,7 @@ def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None
     log.info("mounted %s at %s (chunk size %d)", repo.paths.root, mnt, repo.chunk_size)
     ok = False
     try:
-        watch = LoopWatch()
+        watch = LoopWatch(lambda: ops.requests)
         fs.extra_stats["event_loop"] = watch.report
         fs.extra_stats["chunk_reads"] = repo.chunks.read_stats
         trio.run(_main, fs, repo, commit_every, ready_fd, watch)

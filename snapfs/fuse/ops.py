@@ -70,6 +70,7 @@ def handler(fn):
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
+        self.requests += 1
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -116,6 +117,7 @@ class SnapfsOperations(pyfuse3.Operations):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.started = time.time_ns()
+        self.requests = 0  # handled so far: tells the loop watch that someone is waiting
         self._views: dict[int, View] = {}  # slot -> view (kept for the whole mount)
         self._slot_of: dict[View, int] = {}
         self._lookups: dict[int, int] = {}

@@ -25,7 +25,7 @@ async def _run_with_watch(watch: LoopWatch, body) -> None:
 
 
 def test_a_long_hold_is_measured_logged_and_named(caplog):
-    watch = LoopWatch(period=0.005, log_after=0.1)
+    watch = LoopWatch(period=0.005, idle_period=0.005, log_after=0.1)
 
     async def body():
         _blocks_the_loop(0.25)
@@ -42,7 +42,7 @@ def test_a_long_hold_is_measured_logged_and_named(caplog):
 
 
 def test_short_steps_are_not_counted_as_holds():
-    watch = LoopWatch(period=0.005, log_after=0.1)
+    watch = LoopWatch(period=0.005, idle_period=0.005, log_after=0.1)
 
     async def body():
         for _ in range(20):  # 2 ms holds: many steps, none long
@@ -56,7 +56,7 @@ def test_short_steps_are_not_counted_as_holds():
 
 
 def test_a_medium_hold_is_counted_without_a_log_line(caplog):
-    watch = LoopWatch(period=0.005, log_after=0.5)
+    watch = LoopWatch(period=0.005, idle_period=0.005, log_after=0.5)
 
     async def body():
         _blocks_the_loop(0.05)
@@ -67,3 +67,26 @@ def test_a_medium_hold_is_counted_without_a_log_line(caplog):
     assert report["held_over_10ms"] == 1 and report["held_over_100ms"] == 0, report
     assert report["max_held_ms"] >= 40
     assert not [r for r in caplog.records if "event loop held" in r.getMessage()]
+
+
+def test_an_idle_daemon_wakes_rarely_and_a_busy_one_often():
+    """Requests (the activity count) switch the short period on; without them, and
+    without CPU use, the heartbeat slows to the idle period (timer wakeups cost CPU)."""
+    requests = [0]
+    watch = LoopWatch(lambda: requests[0], period=0.005, idle_period=0.1)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            await trio.sleep(0.6)
+            idle_beats = watch.beats
+            for _ in range(60):  # 0.6 s of requests arriving
+                requests[0] += 1
+                await trio.sleep(0.01)
+            busy_beats = watch.beats - idle_beats
+            nursery.cancel_scope.cancel()
+        return idle_beats, busy_beats
+
+    idle_beats, busy_beats = trio.run(main)
+    assert idle_beats <= 8, idle_beats  # 0.6 s at 0.1 s, plus the first short beat
+    assert busy_beats >= 40, busy_beats  # 0.6 s at 5 ms: about 100 on an idle machine
