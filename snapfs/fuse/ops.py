@@ -65,33 +65,40 @@ def _report_damage(op: str, e: IntegrityError) -> None:
         log.error("%s failed: damaged data: %s", op, text)
 
 
+def fuse_error(op: str, e: BaseException) -> pyfuse3.FUSEError:
+    """The FUSEError to answer with for an exception that a handler let out (logging the
+    bugs and the damage): only FUSEError may leave a pyfuse3 handler."""
+    if isinstance(e, pyfuse3.FUSEError):
+        return e
+    if isinstance(e, FsError):
+        return pyfuse3.FUSEError(e.errno)
+    if isinstance(e, IntegrityError):
+        _report_damage(op, e)
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(e, SnapfsError):
+        log.info("%s refused: %s", op, e)
+        return pyfuse3.FUSEError(e.errno)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.warning("%s: disk full: %s", op, e)
+        return pyfuse3.FUSEError(errno.ENOSPC)
+    if isinstance(e, OSError):
+        log.error("%s failed", op, exc_info=e)
+    else:
+        log.error("bug in %s", op, exc_info=e)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 def handler(fn):
     """Turn every exception into a FUSEError with the right errno (and log the bugs)."""
+    name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
         self.requests += 1
         try:
             return await fn(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except FsError as e:
-            raise pyfuse3.FUSEError(e.errno)
-        except IntegrityError as e:
-            _report_damage(fn.__name__, e)
-            raise pyfuse3.FUSEError(errno.EIO)
-        except SnapfsError as e:
-            log.info("%s refused: %s", fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                log.warning("%s: disk full: %s", fn.__name__, e)
-                raise pyfuse3.FUSEError(errno.ENOSPC)
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO)
-        except Exception:
-            log.exception("bug in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO)
+        except Exception as e:
+            raise fuse_error(name, e) from None
 
     return wrapper
 
@@ -432,12 +439,20 @@ class SnapfsOperations(pyfuse3.Operations):
         fh = self._new_fh(Handle(view, node))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._counted(self._attrs(view, node))
 
-    @handler
     async def read(self, fh, off, size):
-        h = self._handles[fh]
-        if h.data is not None:
-            return h.data[off:off + size]
-        return await h.view.read(h.node, off, size)
+        # not wrapped in @handler: one coroutine less on the hottest request (a 4 KiB read
+        # served from the chunk cache runs no coroutine of snapfs at all)
+        self.requests += 1
+        try:
+            h = self._handles[fh]
+            if h.data is not None:
+                return h.data[off:off + size]
+            got = h.view.read_now(h.node, off, size)
+            if got is None:
+                got = await h.view.read(h.node, off, size)
+            return got
+        except Exception as e:
+            raise fuse_error("read", e) from None
 
     @handler
     async def write(self, fh, off, buf):
