@@ -1029,7 +1029,12 @@ class View:
             pos = idx * cs + stop
         return out
 
-    async def write(self, node: Inode, offset: int, data: bytes) -> int:
+    def write_now(self, node: Inode, offset: int, data: bytes) -> int | None:
+        """The write, if it needs nothing awaited; else None (then `write`).
+
+        The hot path of small writes, without a coroutine: inside one chunk that is
+        already dirty (no gap before it), or whole pages into a sparse chunk.
+        """
         n = len(data)
         end = offset + n
         if end > self.fs.max_file_size:
@@ -1037,29 +1042,39 @@ class View:
         cs = self.chunk_size
         idx, start = divmod(offset, cs)
         buf = node.buffers.get(idx)
-        if buf is not None and start <= buf.length and start + n <= len(buf.data):
-            # fast path: inside one chunk that is already dirty, no gap before it
-            if buf.frozen:
-                self._thaw(buf)
-            stop = start + n
-            buf.data[start:stop] = data
-            if buf.seq:
-                if start != buf.length:
-                    buf.seq = False
-                elif stop == cs:
-                    self.fs.note_complete(self, node, idx)
-            if stop > buf.length:
-                buf.length = stop
+        if buf is None:
+            return None
+        if buf.data is None:
+            if start % PAGE or start + n > cs or (n % PAGE and end < node.size):
+                return None
+            self._write_pages(buf, start, data)  # whole pages into a sparse chunk
             buf.gen += 1
             self._written(node, end)
             return n
-        if (buf is not None and buf.data is None and not start % PAGE and start + n <= cs
-                and (not n % PAGE or end >= node.size)):
-            # fast path: whole pages into a sparse chunk
-            self._write_pages(buf, start, data)
-            buf.gen += 1
-            self._written(node, end)
-            return n
+        stop = start + n
+        if start > buf.length or stop > len(buf.data):
+            return None
+        if buf.frozen:
+            self._thaw(buf)
+        buf.data[start:stop] = data
+        if buf.seq:
+            if start != buf.length:
+                buf.seq = False
+            elif stop == cs:
+                self.fs.note_complete(self, node, idx)
+        if stop > buf.length:
+            buf.length = stop
+        buf.gen += 1
+        self._written(node, end)
+        return n
+
+    async def write(self, node: Inode, offset: int, data: bytes) -> int:
+        done = self.write_now(node, offset, data)
+        if done is not None:
+            return done
+        n = len(data)
+        end = offset + n
+        cs = self.chunk_size
         view = memoryview(data)
         pos = offset
         while pos < end:
