@@ -449,7 +449,7 @@ class SnapfsOperations(pyfuse3.Operations):
                 return h.data[off:off + size]
             got = h.view.read_now(h.node, off, size)
             if got is None:
-                got = await h.view.read(h.node, off, size)
+                got = await h.view.read_rest(h.node, off, size)
             return got
         except Exception as e:
             raise fuse_error("read", e) from None
@@ -463,7 +463,7 @@ class SnapfsOperations(pyfuse3.Operations):
                 raise FsError(errno.EBADF)
             n = h.view.write_now(h.node, off, buf)
             if n is None:
-                n = await h.view.write(h.node, off, buf)
+                n = await h.view.write_rest(h.node, off, buf)
             fs = self.fs
             if fs.over_limit():
                 await fs.throttle()

@@ -978,15 +978,16 @@ class View:
         return piece
 
     async def read(self, node: Inode, offset: int, size: int) -> bytes | bytearray:
+        got = self.read_now(node, offset, size)
+        return got if got is not None else await self.read_rest(node, offset, size)
+
+    async def read_rest(self, node: Inode, offset: int, size: int) -> bytes | bytearray:
+        """`read` where read_now returned None: a sparse chunk, a chunk-cache miss, or a
+        read across chunks."""
         end = min(offset + size, node.size)
-        if offset >= end:
-            return b""
         cs = self.chunk_size
         idx, start = divmod(offset, cs)
         if end - idx * cs <= cs:  # inside one chunk
-            got = self.read_now(node, offset, size)
-            if got is not None:
-                return got
             buf = node.buffers.get(idx)
             if buf is not None and buf.data is None:
                 return await self._read_sparse(node, idx, buf, start, end - idx * cs)
@@ -1070,8 +1071,11 @@ class View:
 
     async def write(self, node: Inode, offset: int, data: bytes) -> int:
         done = self.write_now(node, offset, data)
-        if done is not None:
-            return done
+        return done if done is not None else await self.write_rest(node, offset, data)
+
+    async def write_rest(self, node: Inode, offset: int, data: bytes) -> int:
+        """`write` where write_now returned None: chunks to load or to create, writes
+        across chunks."""
         n = len(data)
         end = offset + n
         cs = self.chunk_size
