@@ -166,10 +166,28 @@ class ChunkManager:
             (digest, raw_len)).lastrowid
 
     def _located(self, cid: int, loc: ChunkLocation, payload: bytes) -> None:
-        self.cat.write("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
-                       (loc.pack, loc.offset, loc.length, cid))
-        if type(payload) is bytes:  # not a view of a write buffer (store_buffers)
-            self.cache.put(cid, payload)
+        self._located_many([(cid, loc, payload)])
+
+    def _located_many(self, placed: list[tuple[int, ChunkLocation, bytes]]) -> None:
+        """Record where appended records are (one executemany for a batch)."""
+        self.cat.writemany("UPDATE chunks SET pack=?, offset=?, length=? WHERE id=?",
+                           [(loc.pack, loc.offset, loc.length, cid) for cid, loc, _ in placed])
+        for cid, _, payload in placed:
+            if type(payload) is bytes:  # not a view of a write buffer (store_buffers)
+                self.cache.put(cid, payload)
+
+    def _rows_by_hash(self, digests: list[bytes]) -> dict[bytes, tuple[int, int]]:
+        """The index rows (id, pack) of many identities: a few queries for a batch, not
+        one per chunk (a sequential writer stores 8,192 chunks per GiB)."""
+        found: dict[bytes, tuple[int, int]] = {}
+        unique = list(dict.fromkeys(digests))
+        for i in range(0, len(unique), 500):
+            part = unique[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for digest, cid, pack in self.cat.execute(
+                    f"SELECT hash, id, pack FROM chunks WHERE hash IN ({marks})", part):
+                found[digest] = (cid, pack)
+        return found
 
     def _identities(self, payloads: list[bytes]) -> list[bytes]:
         return [self.identity(p) for p in payloads]
@@ -195,8 +213,9 @@ class ChunkManager:
         ids: list[int | None] = [None] * len(payloads)
         new: list[tuple[int, int, bytes, bytes]] = []  # (position, chunk id, digest, payload)
         waits: list[int] = []
+        rows = self._rows_by_hash(digests)
         for i, digest in enumerate(digests):
-            row = self.cat.execute("SELECT id, pack FROM chunks WHERE hash=?", (digest,)).fetchone()
+            row = rows.get(digest)
             if row is not None and row[1] >= 0:
                 ids[i] = row[0]
                 self.pinned[row[0]] += 1
@@ -211,8 +230,9 @@ class ChunkManager:
             if new:
                 locs = await trio.to_thread.run_sync(
                     self._append, [(cid, d, p) for _, cid, d, p in new])
-                for (i, cid, _digest, payload), loc in zip(new, locs, strict=True):
-                    self._located(cid, loc, payload)
+                self._located_many([(cid, loc, payload) for (_, cid, _, payload), loc
+                                    in zip(new, locs, strict=True)])
+                for i, cid, _digest, _payload in new:
                     ids[i] = cid
         except BaseException:
             for i, cid, _digest, _payload in new:

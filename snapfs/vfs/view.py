@@ -1216,10 +1216,12 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
               if (buf := node.buffers.get(idx)) is not None and buf.data is None]
     error = await materialize(items[0][0].fs, sparse) if sparse else None
     work = []
+    seen: set[int] = set()  # buffers already in the batch (an item may come twice)
     for view, node, idx in items:
         buf = node.buffers.get(idx)
-        if buf is None or buf.data is None or any(w[3] is buf for w in work):
+        if buf is None or buf.data is None or id(buf) in seen:
             continue
+        seen.add(id(buf))
         cs = view.chunk_size
         valid = min(cs, max(0, node.size - idx * cs))
         n = _payload_len(buf.data, min(valid, buf.length))

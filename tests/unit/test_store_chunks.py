@@ -151,6 +151,25 @@ def test_put_many_dedups_within_and_across_batches(st):
         assert fresh.get_sync(cid) == p * 10
 
 
+
+def test_put_many_looks_up_large_batches_in_parts(st):
+    """More identities than one IN (...) query takes (500), half of them known already,
+    with repeats inside the batch: every id is right and nothing is stored twice."""
+    old = [b"old %d" % i for i in range(700)]
+    new = [b"new %d" % i for i in range(700)]
+
+    async def main():
+        known = await st.cm.put_many(old)
+        batch = [p for pair in zip(old, new, strict=True) for p in pair] + new[:50]
+        return known, batch, await st.cm.put_many(batch)
+
+    known, batch, ids = trio.run(main)
+    assert ids[0:1400:2] == known, "known content keeps its ids"
+    assert ids[1400:] == ids[1:100:2], "a repeat in the batch gets the first one's id"
+    assert len(set(ids)) == 1400 and st.rows() == 1400
+    fresh = st.fresh_manager()
+    assert all(fresh.get_sync(cid) == p for cid, p in zip(ids, batch, strict=True))
+
 def test_put_many_concurrent_with_put(st):
     payloads = [bytes([i]) * 500 for i in range(1, 9)]
     results: dict[str, list[int]] = {}

@@ -88,7 +88,11 @@ IDLE_LEAVES = ("WorkerThread._work (trio/_core/_thread_cache.py",
 
 
 def is_idle(stack: tuple[str, ...]) -> bool:
-    return not stack or stack[-1].startswith(IDLE_LEAVES)
+    """Also the loop watch's watchdog thread between its looks (snapfs/fuse/loopwatch.py):
+    py-spy counts a timed Event.wait as running."""
+    return not stack or stack[-1].startswith(IDLE_LEAVES) or (
+        stack[-1].startswith("Condition.wait (threading.py")
+        and any(f.startswith("LoopWatch._watchdog (") for f in stack))
 
 
 SNAPFS_WORK = ("snapfs/fuse/ops.py", "snapfs/vfs/", "snapfs/store/", "snapfs/graph/",
