@@ -46,8 +46,10 @@ class LoopWatch:
     """Heartbeat-based stall measurement for one trio event loop (see the module doc)."""
 
     def __init__(self, activity: Callable[[], int] = lambda: 0, *, period: float = PERIOD,
-                 idle_period: float = IDLE_PERIOD, log_after: float = LOG_AFTER) -> None:
+                 idle_period: float = IDLE_PERIOD, log_after: float = LOG_AFTER,
+                 busy_cpu: float = BUSY_CPU) -> None:
         self.activity = activity  # a count that grows while requests are being served
+        self.busy_cpu = busy_cpu
         self.period = period
         self.idle_period = idle_period
         self._period = period  # the current one
@@ -77,7 +79,7 @@ class LoopWatch:
                 await trio.sleep(self._period)
                 wall = time.perf_counter() - start
                 self._record(wall - self._period)
-                if self.activity() != seen or time.process_time() - cpu > BUSY_CPU * wall:
+                if self.activity() != seen or time.process_time() - cpu > self.busy_cpu * wall:
                     busy_until = start + wall + STAY_BUSY
                 busy = start + wall < busy_until
                 self._period = self.period if busy else self.idle_period

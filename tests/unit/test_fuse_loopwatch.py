@@ -24,21 +24,27 @@ async def _run_with_watch(watch: LoopWatch, body) -> None:
         nursery.cancel_scope.cancel()
 
 
-def test_a_long_hold_is_measured_logged_and_named(caplog):
-    watch = LoopWatch(period=0.005, idle_period=0.005, log_after=0.1)
+def _one_hold(caplog, seconds: float, log_after: float) -> tuple[dict, list[str]]:
+    """The watch's report and its log lines after the loop is held once for seconds."""
+    watch = LoopWatch(period=0.005, idle_period=0.005, log_after=log_after)
 
     async def body():
-        _blocks_the_loop(0.25)
+        _blocks_the_loop(seconds)
 
     with caplog.at_level(logging.INFO, logger="snapfs.daemon"):
         trio.run(_run_with_watch, watch, body)
-    report = watch.report()
-    assert report["held_over_100ms"] == 1 and report["held_over_10ms"] == 1
+    return watch.report(), [r.getMessage() for r in caplog.records
+                            if "event loop held" in r.getMessage()]
+
+
+def test_a_long_hold_is_measured_logged_and_named(caplog):
+    report, held = _one_hold(caplog, 0.25, log_after=0.1)
+    # at least: on a loaded machine the scheduler can make another beat late too
+    assert report["held_over_100ms"] >= 1 and report["held_over_10ms"] >= 1, report
     assert 200 <= report["max_held_ms"] < 1000
     assert "_blocks_the_loop" in report["max_held_in"], report
     assert report["heartbeats"] >= 10
-    held = [r.getMessage() for r in caplog.records if "event loop held" in r.getMessage()]
-    assert len(held) == 1 and "_blocks_the_loop" in held[0], held
+    assert held and "_blocks_the_loop" in held[0], held
 
 
 def test_short_steps_are_not_counted_as_holds():
@@ -51,29 +57,25 @@ def test_short_steps_are_not_counted_as_holds():
 
     trio.run(_run_with_watch, watch, body)
     report = watch.report()
-    assert report["held_over_10ms"] == 0 and report["held_over_100ms"] == 0, report
+    # not held_over_10ms == 0: on a loaded machine the scheduler alone delays a beat that much
+    assert report["held_over_100ms"] == 0 and report["max_held_ms"] < 100, report
     assert report["max_held_in"] == ""
 
 
 def test_a_medium_hold_is_counted_without_a_log_line(caplog):
-    watch = LoopWatch(period=0.005, idle_period=0.005, log_after=0.5)
-
-    async def body():
-        _blocks_the_loop(0.05)
-
-    with caplog.at_level(logging.INFO, logger="snapfs.daemon"):
-        trio.run(_run_with_watch, watch, body)
-    report = watch.report()
-    assert report["held_over_10ms"] == 1 and report["held_over_100ms"] == 0, report
+    report, held = _one_hold(caplog, 0.05, log_after=0.5)
+    assert report["held_over_10ms"] >= 1 and report["held_over_100ms"] == 0, report
     assert report["max_held_ms"] >= 40
-    assert not [r for r in caplog.records if "event loop held" in r.getMessage()]
+    assert not held
 
 
 def test_an_idle_daemon_wakes_rarely_and_a_busy_one_often():
     """Requests (the activity count) switch the short period on; without them, and
     without CPU use, the heartbeat slows to the idle period (timer wakeups cost CPU)."""
     requests = [0]
-    watch = LoopWatch(lambda: requests[0], period=0.005, idle_period=0.1)
+    # busy_cpu=1: only the requests count here (a CPU spike of the test process would
+    # otherwise keep the short period for a second)
+    watch = LoopWatch(lambda: requests[0], period=0.005, idle_period=0.1, busy_cpu=1.0)
 
     async def main():
         async with trio.open_nursery() as nursery:
