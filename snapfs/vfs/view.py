@@ -176,6 +176,7 @@ class Inode:
     deleted: bool = False  # gone from the tree and the catalog; kept while the kernel knows it
     detached: bool = False  # open, but only in a snapshot-directory draft since committed
     damaged: int = 0  # directory entries whose names failed authentication
+    read_end: int = 0  # where the last read that missed the chunk cache ended (scans)
 
     @property
     def is_dir(self) -> bool:
@@ -987,7 +988,14 @@ class View:
         end = min(offset + size, node.size)
         cs = self.chunk_size
         idx, start = divmod(offset, cs)
-        if end - idx * cs <= cs:  # inside one chunk
+        # A whole chunk read where the last one ended is a scan (cp, cat, dd: the kernel's
+        # readahead asks for 128 KiB at a time): assembled below without entering the
+        # chunk cache, like reads across chunks, so a scan neither evicts what random
+        # readers use nor grows the daemon by the file's size. Other reads inside one
+        # chunk are cached.
+        scan = end - offset == cs and offset == node.read_end
+        node.read_end = end
+        if end - idx * cs <= cs and not scan:
             buf = node.buffers.get(idx)
             if buf is not None and buf.data is None:
                 return await self._read_sparse(node, idx, buf, start, end - idx * cs)

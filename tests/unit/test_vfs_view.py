@@ -486,6 +486,27 @@ async def test_reads_across_stored_dirty_hole_and_stripped_chunks(fs, view):
             assert got == bytes(model[off:off + n]), (cached, off, n)
 
 
+
+@trio_test
+async def test_a_scan_of_whole_chunks_stays_out_of_the_chunk_cache(fs, view):
+    """cp and cat read whole chunks one after another (the kernel's readahead): those
+    reads must not fill the chunk cache (it would evict what random readers use and grow
+    the daemon by the file's size). A whole chunk read out of order, or a part of one,
+    is cached."""
+    from snapfs.store.chunks import ChunkCache
+
+    f = mkfile(view, b"big")
+    data = pattern(8 * CS, seed=7)
+    await view.write(f, 0, data)
+    await view.flush_data(f)
+    fs.chunks.cache = cache = ChunkCache(fs.chunks.cache.limit)
+    for i in range(8):  # the scan
+        assert await view.read(f, i * CS, CS) == data[i * CS:(i + 1) * CS]
+    assert cache.size == 0, "a sequential scan of whole chunks is not cached"
+    assert await view.read(f, 3 * CS, CS) == data[3 * CS:4 * CS]  # out of order
+    assert await view.read(f, 6 * CS + 10, 100) == data[6 * CS + 10:6 * CS + 110]  # a part
+    assert cache.size == 2 * CS
+    assert await view.read(f, 3 * CS, CS) == data[3 * CS:4 * CS]  # now a cache hit
 @trio_test
 async def test_sparse_writes_far_out_read_as_zeros_and_store_nothing(fs, view):
     f = mkfile(view, b"sparse")
