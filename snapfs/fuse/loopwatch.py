@@ -10,9 +10,10 @@ Measured on this machine (fio randread, libaio, iodepth 16, 2026-11-27): 42.4 us
 daemon CPU per request with the instrument against 37.7 without, the yardstick 31.0.
 The heartbeat costs one timer wakeup per period instead. A wakeup of an idle process
 costs about 300 us of CPU on this VM (3 % of a core at 100 a second), so the period is
-PERIOD only while the daemon is busy (requests arrived, or it used more than BUSY_CPU of
-a core, in the last STAY_BUSY seconds) and IDLE_PERIOD otherwise: an idle mount wakes 4 times a
-second, and a hold that starts while it is idle is still seen if it overlaps a wakeup.
+PERIOD only while the daemon is busy (over the last WINDOW: at least BUSY_REQUESTS
+requests a second, or more than BUSY_CPU of a core) and IDLE_PERIOD otherwise: an idle or
+lightly used mount wakes 4 times a second, and a hold that starts then is still seen if
+it overlaps a wakeup.
 
 How it works: a trio task sleeps PERIOD at a time and measures how late it wakes; the
 lateness is how long other steps kept the loop from it (the wait a new request sees).
@@ -37,8 +38,9 @@ log = logging.getLogger("snapfs.daemon")
 
 PERIOD = 0.01  # seconds between heartbeats while the daemon is busy
 IDLE_PERIOD = 0.25  # and while it is idle
-BUSY_CPU = 0.1  # busy: more than this share of a core used since the last beat
-STAY_BUSY = 1.0  # seconds the short period lasts after the last sign of being busy
+WINDOW = 1.0  # seconds over which busy or idle is judged
+BUSY_REQUESTS = 100  # busy: at least this many requests a second over the window,
+BUSY_CPU = 0.1  # or more than this share of a core
 LOG_AFTER = 0.1  # holds longer than this are logged with where they happened
 
 
@@ -47,12 +49,13 @@ class LoopWatch:
 
     def __init__(self, activity: Callable[[], int] = lambda: 0, *, period: float = PERIOD,
                  idle_period: float = IDLE_PERIOD, log_after: float = LOG_AFTER,
-                 busy_cpu: float = BUSY_CPU) -> None:
+                 window: float = WINDOW, busy_cpu: float = BUSY_CPU) -> None:
         self.activity = activity  # a count that grows while requests are being served
+        self.window = window
         self.busy_cpu = busy_cpu
         self.period = period
         self.idle_period = idle_period
-        self._period = period  # the current one
+        self._period = idle_period  # the current one: a new mount is idle
         self.log_after = log_after
         self.beats = 0
         self.max_ms = 0.0
@@ -70,22 +73,29 @@ class LoopWatch:
         watchdog = threading.Thread(target=self._watchdog, args=(stop,),
                                     name="snapfs-loopwatch", daemon=True)
         watchdog.start()
-        busy_until = 0.0
+        opened = time.perf_counter(), time.process_time(), self.activity()  # the window
         try:
             while True:
                 self._where = None
                 self._beat = start = time.perf_counter()
-                cpu, seen = time.process_time(), self.activity()
                 await trio.sleep(self._period)
-                wall = time.perf_counter() - start
-                self._record(wall - self._period)
-                if self.activity() != seen or time.process_time() - cpu > self.busy_cpu * wall:
-                    busy_until = start + wall + STAY_BUSY
-                busy = start + wall < busy_until
-                self._period = self.period if busy else self.idle_period
+                now = time.perf_counter()
+                self._record(now - start - self._period)
+                if now - opened[0] >= self.window:
+                    closed = now, time.process_time(), self.activity()
+                    self._period = self.period if self._busy(opened, closed) else \
+                        self.idle_period
+                    opened = closed
         finally:
             stop.set()
             watchdog.join()
+
+    def _busy(self, opened: tuple[float, float, int], closed: tuple[float, float, int]) -> bool:
+        """Whether the window between two (wall clock, CPU clock, requests) readings was
+        busy enough for the short period."""
+        span = closed[0] - opened[0]
+        return (closed[2] - opened[2] >= BUSY_REQUESTS * span
+                or closed[1] - opened[1] > self.busy_cpu * span)
 
     def _record(self, late: float) -> None:
         ms = late * 1000

@@ -69,26 +69,51 @@ def test_a_medium_hold_is_counted_without_a_log_line(caplog):
     assert not held
 
 
-def test_an_idle_daemon_wakes_rarely_and_a_busy_one_often():
-    """Requests (the activity count) switch the short period on; without them, and
-    without CPU use, the heartbeat slows to the idle period (timer wakeups cost CPU)."""
-    requests = [0]
-    # busy_cpu=1: only the requests count here (a CPU spike of the test process would
-    # otherwise keep the short period for a second)
-    watch = LoopWatch(lambda: requests[0], period=0.005, idle_period=0.1, busy_cpu=1.0)
+def _beats(watch: LoopWatch, requests: list[int], phases: list[tuple[float, int]]
+           ) -> list[int]:
+    """Heartbeats in each phase of (seconds, requests a second)."""
 
     async def main():
+        counts = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run)
-            await trio.sleep(0.6)
-            idle_beats = watch.beats
-            for _ in range(60):  # 0.6 s of requests arriving
-                requests[0] += 1
-                await trio.sleep(0.01)
-            busy_beats = watch.beats - idle_beats
+            for seconds, rate in phases:
+                before = watch.beats
+                for _ in range(int(seconds * 100)):
+                    requests[0] += rate // 100
+                    await trio.sleep(0.01)
+                counts.append(watch.beats - before)
             nursery.cancel_scope.cancel()
-        return idle_beats, busy_beats
+        return counts
 
-    idle_beats, busy_beats = trio.run(main)
-    assert idle_beats <= 8, idle_beats  # 0.6 s at 0.1 s, plus the first short beat
-    assert busy_beats >= 40, busy_beats  # 0.6 s at 5 ms: about 100 on an idle machine
+    return trio.run(main)
+
+
+def test_an_idle_daemon_wakes_rarely_and_a_busy_one_often():
+    """Many requests switch the short period on; without them the idle period stays
+    (timer wakeups cost CPU). busy_cpu=1: only the requests count here, not a CPU spike
+    of the test process."""
+    requests = [0]
+    watch = LoopWatch(lambda: requests[0], period=0.005, idle_period=0.1, window=0.2,
+                      busy_cpu=1.0)
+    idle, busy = _beats(watch, requests, [(0.6, 0), (0.8, 500)])
+    assert idle <= 8, idle  # 0.6 s at 0.1 s
+    assert busy >= 40, busy  # about 0.6 s at 5 ms once a window saw the load
+
+
+def test_a_few_requests_a_second_keep_the_idle_period():
+    """A shell or an editor sends a few requests a second: not worth 100 wakeups."""
+    requests = [0]
+    watch = LoopWatch(lambda: requests[0], period=0.005, idle_period=0.1, window=0.2,
+                      busy_cpu=1.0)
+
+    async def trickle():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            for _ in range(20):  # 20 requests a second for 1 s
+                requests[0] += 1
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+
+    trio.run(trickle)
+    assert watch.beats <= 14, watch.beats  # 1 s at 0.1 s, not at 5 ms
