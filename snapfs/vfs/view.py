@@ -907,18 +907,20 @@ class View:
             pool.pages -= len(pages)
             buf.data, buf.pages, buf.base, buf.length = content, None, 0, self.chunk_size
 
-    async def _read_sparse(self, node: Inode, idx: int, buf: DirtyChunk, start: int,
-                           stop: int) -> bytes | bytearray:
-        """data[start:stop] of a sparse chunk: its pages over its base (read, not
-        merged: the merge waits for the store)."""
+    def _sparse_now(self, buf: DirtyChunk, start: int, stop: int,
+                    base: bytes | None = None) -> bytes | bytearray | None:
+        """data[start:stop] of a sparse chunk, its pages over its base (read, not merged:
+        the merge waits for the store), if that needs nothing awaited: the read is inside
+        one written page, or the base is given or in the chunk cache. Else None."""
         pages = buf.pages
         assert pages is not None
         first, last = start // PAGE, (stop - 1) // PAGE
         if first == last and first in pages:
             return pages[first][start - first * PAGE:stop - first * PAGE]
-        base = self.fs.chunks.cache.get(buf.base) or await self.fs.chunks.get(buf.base)
-        if buf.pages is not pages:  # materialized or dropped meanwhile: read again
-            return await self.read(node, idx * self.chunk_size + start, stop - start)
+        if base is None:
+            base = self.fs.chunks.cache.get(buf.base)
+            if base is None:
+                return None
         out = bytearray(stop - start)
         with memoryview(base) as mv:
             piece = mv[start:stop]
@@ -929,6 +931,18 @@ class View:
                 a, b = max(start, p * PAGE), min(stop, (p + 1) * PAGE)
                 out[a - start:b - start] = page[a - p * PAGE:b - p * PAGE]
         return out
+
+    async def _read_sparse(self, node: Inode, idx: int, buf: DirtyChunk, start: int,
+                           stop: int) -> bytes | bytearray:
+        """_sparse_now, reading the base when it is not in the chunk cache."""
+        got = self._sparse_now(buf, start, stop)
+        if got is not None:
+            return got
+        pages = buf.pages
+        base = await self.fs.chunks.get(buf.base)
+        if buf.pages is not pages:  # materialized or dropped meanwhile: read again
+            return await self.read(node, idx * self.chunk_size + start, stop - start)
+        return self._sparse_now(buf, start, stop, base)  # type: ignore[return-value]
 
     def _thaw(self, buf: DirtyChunk) -> None:
         """A store is hashing and appending buf.data itself (no copy), or a write goes
@@ -950,8 +964,9 @@ class View:
         """The read, if it needs nothing awaited; else None (then `read`).
 
         The hot path of random 4 KiB reads, without a coroutine: a read inside one chunk
-        that is a whole dirty buffer, a hole, or a stored chunk in the chunk cache. A read
-        of a whole chunk returns the cached object itself (a full slice is not a copy).
+        that is a whole dirty buffer, a hole, a stored chunk in the chunk cache, or a
+        sparse chunk whose read needs only its pages or its cached base. A read of a whole
+        chunk returns the cached object itself (a full slice is not a copy).
         """
         end = min(offset + size, node.size)
         if offset >= end:
@@ -963,8 +978,8 @@ class View:
             return None
         buf = node.buffers.get(idx)
         if buf is not None:
-            if buf.data is None:  # sparse: its base may have to be read
-                return None
+            if buf.data is None:  # sparse: None when its base has to be read
+                return self._sparse_now(buf, start, stop)
             piece = buf.data[start:min(stop, buf.length)]
         else:
             chunk = self.block(node, idx)
@@ -974,17 +989,15 @@ class View:
             if data is None:
                 return None
             piece = data[start:stop]
-        if len(piece) < end - offset:  # beyond the buffer's length or the stored
-            piece += bytes(end - offset - len(piece))  # (zero-stripped) payload: zeros
-        return piece
+        return _padded(piece, end - offset)
 
     async def read(self, node: Inode, offset: int, size: int) -> bytes | bytearray:
         got = self.read_now(node, offset, size)
         return got if got is not None else await self.read_rest(node, offset, size)
 
     async def read_rest(self, node: Inode, offset: int, size: int) -> bytes | bytearray:
-        """`read` where read_now returned None: a sparse chunk, a chunk-cache miss, or a
-        read across chunks."""
+        """`read` where read_now returned None: a chunk-cache miss (also of a sparse
+        chunk's base), or a read across chunks."""
         end = min(offset + size, node.size)
         cs = self.chunk_size
         idx, start = divmod(offset, cs)
@@ -1004,10 +1017,7 @@ class View:
             got = self.read_now(node, offset, size)
             if got is not None:
                 return got
-            piece = data[start:end - idx * cs]
-            if len(piece) < end - offset:
-                piece += bytes(end - offset - len(piece))
-            return piece
+            return _padded(data[start:end - idx * cs], end - offset)
         # a read of several chunks is assembled in one zeroed buffer, each chunk copied
         # into its place once (stored payloads straight from the page cache): no pieces
         # to join, and holes, unstored tails and stripped zeros cost nothing
@@ -1139,6 +1149,12 @@ class View:
             idxs = sorted(node.buffers)
             for i in range(0, len(idxs), batch):
                 await self.flush_blocks(node, idxs[i:i + batch])
+
+
+def _padded(piece: bytes | bytearray, n: int) -> bytes | bytearray:
+    """piece, with zeros up to n bytes: what lies beyond a dirty buffer's length or a
+    stored (zero-stripped) payload reads as zeros."""
+    return piece if len(piece) >= n else piece + bytes(n - len(piece))
 
 
 def _payload_len(data: bytearray, n: int) -> int:

@@ -872,9 +872,13 @@ async def test_page_writes_into_a_stored_chunk_hold_pages_not_the_chunk(big_view
     assert fs.dirty_bytes() == 4 * 4096
     assert all(b.data is None for b in f.buffers.values())
     assert fs.chunks.reads_inline + fs.chunks.reads_thread == reads  # nothing loaded
-    # a read inside one written page needs no base; others merge pages over the base
-    assert await view.read(f, 4096 + 10, 100) == bytes(content[4106:4206])
+    # a read inside one written page needs no base, and no await (read_now answers);
+    # others merge pages over the base, without an await once the base is cached
+    assert view.read_now(f, 4096 + 10, 100) == bytes(content[4106:4206])
+    fs.chunks.cache = type(fs.chunks.cache)(fs.chunks.cache.limit)
+    assert view.read_now(f, 0, 20000) is None, "the base must be read first"
     assert await view.read(f, 0, 20000) == bytes(content[:20000])
+    assert view.read_now(f, 10, 8000) == bytes(content[10:8010])  # base now cached
     assert await read_all(view, f) == content
     # the file's last page, written up to the end of the file (a short chunk stays short)
     tail = 3 * 128 * 1024 + 4096
