@@ -10,6 +10,7 @@ itself under the single-writer lock. Errors print one line and exit non-zero.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -193,10 +194,38 @@ def cmd_mount(args) -> int:
     dirty_limit = parse_size(args.dirty_limit) if args.dirty_limit else None
     if dirty_limit is not None and dirty_limit < MIN_DIRTY_LIMIT:
         raise UsageError(f"--dirty-limit must be at least {MIN_DIRTY_LIMIT >> 20}M")
+    _detach_dead_mount(os.path.realpath(args.mountpoint))
     return mount(args.repo, args.mountpoint, foreground=args.foreground,
                  allow_other=args.allow_other, commit_every=args.commit_every, debug=args.debug,
                  secret=_checked_secret(args.repo), cache_bytes=cache_bytes,
                  dirty_limit=dirty_limit)
+
+
+def _detach_dead_mount(mnt: str) -> None:
+    """A snapfs mount whose daemon died (SIGKILL, the OOM killer) stays in the mount
+    table, and every access to it fails with ENOTCONN ("Transport endpoint is not
+    connected") or ECONNABORTED. Mounting there again is the obvious next step after such a crash, so
+    the dead mount is detached (lazily: a shell may still have its cwd in it) and the
+    user is told. A mount whose daemon runs, or another file system's, is left for
+    check_mountpoint to refuse."""
+    repo = next((r for m, r in snapfs_mounts() if m == mnt), None)
+    if repo is None:
+        return
+    pid = _read_pid(RepoPaths(repo).pid)
+    if pid is not None and _alive(pid):
+        return  # live, or hung: probing a hung mount would hang this command too
+    try:
+        os.statvfs(mnt)  # not os.stat: the kernel may answer that from its attribute cache
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            return
+    proc = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SnapfsError(f"{mnt} is a dead snapfs mount (its daemon is gone) and could not "
+                          f"be detached: {proc.stderr.strip()}")
+    print(f"snapfs: detached the dead mount at {mnt} (its daemon had stopped)",
+          file=sys.stderr)
 
 
 def _checked_secret(repo: str) -> bytes | None:

@@ -2,15 +2,17 @@
 mount again. Everything acknowledged by fsync and every committed snapshot must be
 intact, and (snapfs) fsck must pass (checked by the fixture's teardown)."""
 
+import errno
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from fusehelpers import data, read_bytes, snapfs_bin, tree_contents, write_bytes
+from fusehelpers import data, read_bytes, snapfs_bin, tree_contents, wait_pid_gone, write_bytes
 
 WORKER = r"""
 import os, random, sys
@@ -144,6 +146,33 @@ def test_mount_after_kill_with_no_workload(fresh_mount):
     assert (m.vol / "f").read_bytes() == b"synced"
     m.remount()  # and a clean cycle afterwards
     assert (m.vol / "f").read_bytes() == b"synced"
+
+
+def test_mount_over_the_dead_mount_of_a_killed_daemon(fresh_mount):
+    """After a crash the dead mount is still in the mount table; `snapfs mount` at the same
+    place detaches it, says so, and mounts. A mount whose daemon runs is still refused."""
+    m = fresh_mount
+    m.require_snapfs("snapfs mount")
+    m.expect_log(r" WARNING ")
+    write_bytes(m.vol / "f", b"synced")
+    fd = os.open(m.vol / "f", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    live = m.run_cli("mount", m.repo, m.mnt, check=False)
+    assert live.returncode != 0 and "already a mount point" in live.stderr, live.stderr
+    pid = m.daemon_pid()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_pid_gone(pid, 30)
+    with pytest.raises(OSError) as dead:
+        os.statvfs(m.mnt)
+    assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    r = m.run_cli("mount", m.repo, m.mnt, check=False)
+    assert r.returncode == 0, r.stderr
+    assert f"detached the dead mount at {m.mnt}" in r.stderr
+    assert (m.vol / "f").read_bytes() == b"synced"
+    with open("/proc/self/mountinfo") as f:
+        mounts_here = [line for line in f if line.split()[4] == str(m.mnt)]
+    assert len(mounts_here) == 1, mounts_here  # the dead one is gone, not stacked under
 
 
 @pytest.mark.slow
