@@ -35,6 +35,14 @@ kept open and committed in groups (group commit) by Catalog.commit(). Checkpoint
 the bulk of the WAL on a second connection in a worker thread (Catalog.checkpoint), and
 the few frames committed meanwhile on this connection right after a commit
 (Catalog.finish_checkpoint), which is what lets SQLite reuse the WAL from its start.
+
+A failed commit leaves the changes in place. SQLite rolls a transaction back when its
+COMMIT fails on a full disk (SQLITE_FULL) or an I/O error, while the daemon's memory
+(inodes, directories, the graph) already shows those changes. So every write of the open
+transaction is also kept in a redo list until its commit succeeds; after such a
+rollback the list is replayed at once into a new transaction (same statements, same
+order, same starting state: the same rows and ids), and the commit error is raised for
+the caller to report (ENOSPC). The next commit, once there is room, writes it all.
 """
 
 from __future__ import annotations
@@ -152,6 +160,8 @@ class Catalog:
         except sqlite3.DatabaseError as e:
             raise FormatError(f"catalog {path} cannot be read ({e}); run `snapfs fsck`")
         self._in_tx = False
+        self._redo: list[tuple[str, object, bool]] = []  # the open transaction's writes
+        self._replay_pending = False  # rolled back by SQLite, not yet replayed
         self._finish_checkpoint = False
         self.last_commit = time.monotonic()
 
@@ -169,23 +179,58 @@ class Catalog:
         if not self._in_tx:
             self.db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
+            if self._replay_pending:
+                self._replay()
+
+    def _replay(self) -> None:
+        """Redo the writes SQLite rolled back, in the transaction just begun."""
+        try:
+            for sql, args, many in self._redo:
+                if many:
+                    self.db.executemany(sql, args)  # type: ignore[arg-type]
+                else:
+                    self.db.execute(sql, args)  # type: ignore[arg-type]
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._in_tx = False
+            raise
+        self._replay_pending = False
 
     def execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         return self.db.execute(sql, args)
 
     def write(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         self.begin()
-        return self.db.execute(sql, args)
+        cursor = self.db.execute(sql, args)
+        self._redo.append((sql, args, False))
+        return cursor
 
     def writemany(self, sql: str, rows) -> None:
         self.begin()
+        rows = rows if isinstance(rows, list) else list(rows)  # kept for a replay
         self.db.executemany(sql, rows)
+        self._redo.append((sql, rows, True))
 
     def commit(self) -> None:
-        """End the group transaction (WAL append, no fsync: see sync_wal)."""
+        """End the group transaction (WAL append, no fsync: see sync_wal). On failure
+        the changes stay in an open transaction (see the module docstring)."""
+        if self._replay_pending:
+            self.begin()
         if self._in_tx:
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                if not self.db.in_transaction:  # SQLite rolled it back
+                    self._in_tx = False
+                    self._replay_pending = True
+                    try:
+                        self.begin()
+                    except sqlite3.Error as e:
+                        log.warning("redoing a rolled-back transaction failed (%s); the "
+                                    "next commit tries again", e)
+                raise
             self._in_tx = False
+            self._redo.clear()
         self.last_commit = time.monotonic()
         if self._finish_checkpoint:
             try:
@@ -195,9 +240,12 @@ class Catalog:
                 log.warning("finishing a WAL checkpoint failed: %s", e)
 
     def rollback(self) -> None:
+        """Discard the open transaction (the caller's own, just begun: see exchange)."""
         if self._in_tx:
             self.db.execute("ROLLBACK")
             self._in_tx = False
+        self._redo.clear()
+        self._replay_pending = False
 
     def sync_wal(self) -> None:
         """fsync the WAL file: everything committed so far survives a power loss.

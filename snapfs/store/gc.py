@@ -18,6 +18,7 @@ requests are never held for more than one batch's index update.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -74,12 +75,14 @@ class Collector:
         return usage
 
     def candidates(self, min_dead_ratio: float) -> list[int]:
+        """Packs to compact, those with nothing live first (removing them needs no free
+        space, which matters on a full disk), then the most dead bytes first."""
         out = []
-        for pack, (size, live) in sorted(self.pack_usage().items()):
+        for pack, (size, live) in self.pack_usage().items():
             dead = size - PACK_HEADER.size - live
             if dead > 0 and (live == 0 or dead / max(size, 1) >= min_dead_ratio):
-                out.append(pack)
-        return out
+                out.append((live > 0, -dead, pack))
+        return [pack for _, _, pack in sorted(out)]
 
     async def compact(self, min_dead_ratio: float = 0.25) -> int:
         """Compact every pack past the ratio; returns the number of packs removed."""
@@ -122,9 +125,11 @@ class Collector:
             return [(cid, *self.packs.read_record(cid, loc)) for cid, loc in batch]
 
         records = await trio.to_thread.run_sync(read_all)
-        locs = await trio.to_thread.run_sync(
+        # compaction frees space: it may use half the reserve that new data may not
+        locs = await trio.to_thread.run_sync(functools.partial(
             self.packs.append_many, [(cid, payload, raw, flags)
-                                     for cid, payload, raw, flags in records])
+                                     for cid, payload, raw, flags in records],
+            keep=self.packs.reserve // 2))
         moved = 0
         for (cid, old), new in zip(batch, locs, strict=True):
             cur = self.cat.execute("SELECT pack, offset FROM chunks WHERE id=?", (cid,)).fetchone()

@@ -21,6 +21,12 @@ catalog references it only after that write returned (and, for durability, after
 opens the store for writing starts a fresh pack, so no writer ever appends after a torn
 tail.
 
+Disk space: appends leave ``reserve`` bytes of the file system free (ENOSPC otherwise),
+so that the catalog, on the same file system, can always commit. SQLite rolls a
+transaction back when its commit meets a full disk, and the daemon's group transaction
+holds every metadata change since the last commit: running out of space must stop the
+data, never the metadata. The collector may use half the reserve (compaction frees space).
+
 Thread safety: ``append`` and ``sync`` take a lock; ``read`` uses pread and needs none.
 ``read_cached`` reads into the caller's buffer and never waits for the disk (RWF_NOWAIT):
 it is meant for the event loop's thread, which must not block on I/O.
@@ -49,6 +55,17 @@ FLAG_ENCRYPTED = 1
 DEFAULT_PACK_LIMIT = 128 * 1024 * 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+; 0: read_cached always declines
 MAX_IOVECS = 1000  # per pwritev call (IOV_MAX is 1024 on Linux)
+# Free space that chunk data may not take (see PackStore.reserve): 1/64 of the file
+# system, at least 16 MiB and at most 512 MiB.
+RESERVE_MIN = 16 << 20
+RESERVE_MAX = 512 << 20
+
+
+def default_reserve(directory: str) -> int:
+    """The free space chunk data leaves alone: 1/64 of the file system, within
+    RESERVE_MIN..RESERVE_MAX."""
+    st = os.statvfs(directory)
+    return max(RESERVE_MIN, min(RESERVE_MAX, st.f_blocks * st.f_frsize // 64))
 
 
 def pack_name(pack_id: int) -> str:
@@ -58,7 +75,8 @@ def pack_name(pack_id: int) -> str:
 class PackStore:
     """The embedded ChunkStore: pack files in one directory."""
 
-    def __init__(self, directory: str, *, writable: bool, pack_limit: int = DEFAULT_PACK_LIMIT):
+    def __init__(self, directory: str, *, writable: bool, pack_limit: int = DEFAULT_PACK_LIMIT,
+                 reserve: int | None = None):
         self.directory = directory
         self.writable = writable
         self.pack_limit = pack_limit
@@ -71,6 +89,7 @@ class PackStore:
         self._retired: list[int] = []
         self.nowait = RWF_NOWAIT != 0  # cleared if the kernel or file system refuses it
         os.makedirs(directory, exist_ok=True)
+        self.reserve = default_reserve(directory) if reserve is None else reserve
 
     # -- writing -------------------------------------------------------------------
     def pack_ids(self) -> list[int]:
@@ -99,6 +118,7 @@ class PackStore:
     def append(self, chunk_id: int, payload: bytes, raw_len: int, flags: int = 0) -> ChunkLocation:
         """Append one record; returns its location. The record is durable after sync()."""
         self._check_writable()
+        self.check_space(RECORD_OVERHEAD + len(payload), self.reserve)
         header = RECORD_HEADER.pack(RECORD_MAGIC, flags, 0, len(payload), raw_len, chunk_id)
         check = xxhash.xxh3_64(header)
         check.update(payload)
@@ -114,9 +134,13 @@ class PackStore:
             self._unsynced = True
             return ChunkLocation(self._write_id, offset, len(record))
 
-    def append_many(self, items: list[tuple[int, bytes, int, int]]) -> list[ChunkLocation]:
-        """Append (chunk id, payload, plaintext length, flags) records with one pwritev."""
+    def append_many(self, items: list[tuple[int, bytes, int, int]], *,
+                    keep: int | None = None) -> list[ChunkLocation]:
+        """Append (chunk id, payload, plaintext length, flags) records with one pwritev;
+        ENOSPC if that would leave less than keep (default: the reserve) bytes free."""
         self._check_writable()
+        self.check_space(sum(RECORD_OVERHEAD + len(p) for _, p, _, _ in items),
+                         self.reserve if keep is None else keep)
         # Each record goes out as two iovecs (header + check, then the payload itself):
         # joining them would copy every payload once more.
         records = []
@@ -146,6 +170,16 @@ class PackStore:
             self._write_batch(batch, start)
             self._unsynced = True
         return locs
+
+    def check_space(self, nbytes: int, keep: int) -> None:
+        """ENOSPC unless nbytes can be written leaving keep bytes free (f_bavail: what
+        an unprivileged writer could use, so the root reserve stays untouched too)."""
+        st = os.statvfs(self.directory)
+        free = st.f_bavail * st.f_frsize
+        if free - nbytes < keep:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free >> 20} MiB free "
+                          f"where the repository is, {keep >> 20} MiB of it kept for the "
+                          "catalog (delete data, then `snapfs gc`)")
 
     def rotate(self) -> None:
         """Finish the current pack (synced); the next append starts a new one. Lets the
@@ -272,7 +306,11 @@ class PackStore:
         """Delete a pack file (compaction moved everything live out of it).
 
         Its cached read descriptor is retired, not closed: a reader thread may still be
-        in a pread on it. Retired descriptors are closed at the next removal.
+        in a pread on it, and a closed number could be reused for another file meanwhile.
+        It is pointed at /dev/null instead (dup2), which releases the file, so its space
+        is free at once (on a full disk that is the point); a read after that comes back
+        short and is retried at the record's new place. Retired descriptors are closed
+        at the next removal.
         """
         if pack_id == self._write_id:
             raise ValueError("cannot remove the pack being written")
@@ -281,6 +319,11 @@ class PackStore:
         self._retired = []
         fd = self._read_fds.pop(pack_id, None)
         if fd is not None:
+            null = os.open(os.devnull, os.O_RDONLY)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
             self._retired.append(fd)
         os.unlink(os.path.join(self.directory, pack_name(pack_id)))
         _fsync_dir(self.directory)

@@ -218,3 +218,80 @@ def test_checkpoint_moves_committed_data_into_the_database_file(db_path):
         assert con.execute("SELECT COUNT(*) FROM volumes").fetchone() == (50,)
     finally:
         con.close()
+
+
+class _FullOnCommit:
+    """The catalog's connection, whose next COMMIT fails as on a full disk: SQLite rolls
+    the transaction back and reports SQLITE_FULL (what a real full disk does; the mounted
+    tests in tests/fuse/test_mnt_diskfull.py do it for real)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.failures = 1
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT" and self.failures:
+            self.failures -= 1
+            self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+def test_a_commit_sqlite_rolled_back_is_redone_not_lost(db_path):
+    cat = Catalog(db_path)
+    cat.write("INSERT INTO meta VALUES ('a', 1)")
+    cid = cat.write("INSERT INTO chunks (hash, pack, offset, length, raw_len) "
+                    "VALUES (?, 0, 0, 0, 0)", (b"h1",)).lastrowid
+    cat.writemany("INSERT INTO meta VALUES (?, ?)", ((f"k{i}", i) for i in range(100)))
+    real, cat.db = cat.db, _FullOnCommit(cat.db)
+    with pytest.raises(sqlite3.OperationalError):
+        cat.commit()
+    # back in an open transaction at once: reads see every change, with the same ids
+    assert cat.db.in_transaction
+    assert cat.meta_get("a") == 1 and cat.meta_get("k99") == 99
+    assert cat.execute("SELECT id FROM chunks WHERE hash=?", (b"h1",)).fetchone()[0] == cid
+    cat.write("INSERT INTO meta VALUES ('b', 2)")
+    cat.commit()
+    cat.db = real
+    cat.close()
+    again = Catalog(db_path)
+    try:
+        assert [again.meta_get(k) for k in ("a", "b", "k0", "k99")] == [1, 2, 0, 99]
+        assert again.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 1
+    finally:
+        again.close()
+
+
+def test_a_rolled_back_commit_with_nothing_new_is_redone_by_the_next_commit(db_path):
+    cat = Catalog(db_path)
+    cat.write("INSERT INTO meta VALUES ('a', 1)")
+    real, cat.db = cat.db, _FullOnCommit(cat.db)
+    with pytest.raises(sqlite3.OperationalError):
+        cat.commit()
+    cat.commit()
+    cat.db = real
+    cat.close()
+    again = Catalog(db_path)
+    try:
+        assert again.meta_get("a") == 1
+    finally:
+        again.close()
+
+
+def test_rollback_discards_the_redo_list(db_path):
+    cat = Catalog(db_path)
+    cat.write("INSERT INTO meta VALUES ('a', 1)")
+    cat.commit()
+    cat.write("INSERT INTO meta VALUES ('gone', 1)")
+    cat.rollback()
+    real, cat.db = cat.db, _FullOnCommit(cat.db)
+    cat.write("INSERT INTO meta VALUES ('b', 2)")
+    with pytest.raises(sqlite3.OperationalError):
+        cat.commit()
+    cat.commit()
+    cat.db = real
+    assert [cat.meta_get(k) for k in ("a", "gone", "b")] == [1, None, 2]
+    cat.close()

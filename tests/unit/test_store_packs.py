@@ -369,3 +369,46 @@ def test_read_payload_into_a_truncated_record(store):
     assert store.read_payload_into(4, loc, out, nowait=True) is None  # short: the caller retries
     with pytest.raises(IntegrityError, match="truncated"):
         store.read_payload_into(4, loc, out, nowait=False)
+
+
+def test_appends_leave_the_reserve_free(tmp_path):
+    """Chunk data may not take the last `reserve` bytes of the file system (the catalog
+    must always be able to commit); the collector passes a smaller keep."""
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    s = PackStore(str(tmp_path / "p"), writable=True, reserve=free + (1 << 30))
+    try:
+        with pytest.raises(OSError) as e:
+            s.append(1, b"x" * 100, 100)
+        assert e.value.errno == errno.ENOSPC and "kept for the catalog" in str(e.value)
+        with pytest.raises(OSError):
+            s.append_many([(2, b"y" * 100, 100, 0)])
+        loc = s.append_many([(3, b"z" * 100, 100, 0)], keep=0)[0]
+        assert s.read(3, loc)[0] == b"z" * 100
+    finally:
+        s.close()
+
+
+def test_the_default_reserve_is_a_64th_within_bounds(tmp_path):
+    st = os.statvfs(tmp_path)
+    expected = min(packs_mod.RESERVE_MAX, max(packs_mod.RESERVE_MIN,
+                                              st.f_blocks * st.f_frsize // 64))
+    assert packs_mod.default_reserve(str(tmp_path)) == expected
+    s = PackStore(str(tmp_path / "p"), writable=True)
+    try:
+        assert s.reserve == expected
+    finally:
+        s.close()
+
+
+def test_removing_a_pack_releases_its_file_at_once(store):
+    loc = store.append(1, b"a" * 1000, 1000)
+    store.rotate()
+    store.append(2, b"b" * 1000, 1000)
+    assert store.read(1, loc)[0] == b"a" * 1000  # caches a read descriptor
+    fd = store._read_fds[loc.pack]
+    store.remove_pack(loc.pack)
+    # the descriptor stays open (a reader thread may be using it) but no longer holds
+    # the deleted file, whose space is free now
+    assert os.readlink(f"/proc/self/fd/{fd}") == os.devnull
+    assert os.pread(fd, 10, 0) == b""
