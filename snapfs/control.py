@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 import trio
 
-from snapfs.errors import DaemonError, NotFound, SnapfsError, UsageError
+from snapfs.errors import DaemonError, NotFound, SnapfsError, UsageError, is_disk_full
 from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.vfs.diff import diff as snapshot_diff
@@ -296,8 +296,19 @@ async def _reply(fs: Filesystem, buf: bytes, progress: Progress) -> dict:
     except (KeyError, ValueError) as e:
         return {"ok": False, "error": f"bad request: {e}", "exit_code": 2}
     except Exception as e:
+        if is_disk_full(e):  # expected, and the message says what to do
+            log.warning("%s: disk full: %s", _op_name(buf), e)
+            return {"ok": False, "error": f"the disk holding the repository is full ({e}); "
+                    "delete data, then `snapfs gc`", "exit_code": 1}
         log.exception("control request failed")
         return {"ok": False, "error": f"internal error: {e}", "exit_code": 1}
+
+
+def _op_name(buf: bytes) -> str:
+    try:
+        return str(json.loads(buf).get("op", "request"))
+    except (ValueError, AttributeError):
+        return "request"
 
 
 def call(sock_path: str, req: dict, timeout: float = 600.0,

@@ -93,3 +93,14 @@ class FsError(SnapfsError):
 
 def fs_error(code: int) -> FsError:
     return FsError(code)
+
+
+SQLITE_FULL = 13
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk or quota, whichever layer met it: a pack append (ENOSPC, EDQUOT) or a
+    catalog commit (SQLITE_FULL). Expected, not a bug: answered with ENOSPC."""
+    if isinstance(e, OSError):
+        return e.errno in (_errno.ENOSPC, _errno.EDQUOT)
+    return getattr(e, "sqlite_errorcode", None) == SQLITE_FULL

@@ -20,7 +20,7 @@ import time
 import trio
 
 from snapfs import __version__, control
-from snapfs.errors import NotARepository, SnapfsError, UsageError
+from snapfs.errors import NotARepository, SnapfsError, UsageError, is_disk_full
 from snapfs.store.repo import RepoPaths, init_repository, is_repository, parse_size
 
 
@@ -204,9 +204,9 @@ def cmd_mount(args) -> int:
 def _detach_dead_mount(mnt: str) -> None:
     """A snapfs mount whose daemon died (SIGKILL, the OOM killer) stays in the mount
     table, and every access to it fails with ENOTCONN ("Transport endpoint is not
-    connected") or ECONNABORTED. Mounting there again is the obvious next step after such a crash, so
-    the dead mount is detached (lazily: a shell may still have its cwd in it) and the
-    user is told. A mount whose daemon runs, or another file system's, is left for
+    connected") or ECONNABORTED. Mounting there again is the obvious next step after such
+    a crash, so the dead mount is detached (lazily: a shell may still have its cwd in it)
+    and the user is told. A mount whose daemon runs, or another file system's, is left for
     check_mountpoint to refuse."""
     repo = next((r for m, r in snapfs_mounts() if m == mnt), None)
     if repo is None:
@@ -625,6 +625,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as e:
         print(f"snapfs: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except Exception as e:
+        if not is_disk_full(e):  # the catalog's SQLITE_FULL; anything else is a bug
+            raise
+        print(f"snapfs: the disk holding the repository is full ({e})", file=sys.stderr)
         return 1
 
 

@@ -171,7 +171,7 @@ async def _main(fs: Filesystem, repo: Repository, commit_every: float | None,
         await trio.sleep(0)
         _tell(ready_fd, "ready")
         await pyfuse3.main()
-        await fs.sync()
+        await fs.shutdown()
         nursery.cancel_scope.cancel()
 
 

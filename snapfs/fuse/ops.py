@@ -28,7 +28,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from snapfs.errors import FsError, IntegrityError, SnapfsError
+from snapfs.errors import FsError, IntegrityError, SnapfsError, is_disk_full
 from snapfs.types import ROOT_INO
 from snapfs.vfs.fs import Filesystem
 from snapfs.vfs.view import Inode, View
@@ -78,14 +78,28 @@ def fuse_error(op: str, e: BaseException) -> pyfuse3.FUSEError:
     if isinstance(e, SnapfsError):
         log.info("%s refused: %s", op, e)
         return pyfuse3.FUSEError(e.errno)
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        log.warning("%s: disk full: %s", op, e)
+    if is_disk_full(e):
+        _warn_disk_full(op, e)
         return pyfuse3.FUSEError(errno.ENOSPC)
     if isinstance(e, OSError):
         log.error("%s failed", op, exc_info=e)
     else:
         log.error("bug in %s", op, exc_info=e)
     return pyfuse3.FUSEError(errno.EIO)
+
+
+_DISK_FULL_EVERY = 10.0  # seconds between two "disk full" lines in the log
+_disk_full_logged = -_DISK_FULL_EVERY
+
+
+def _warn_disk_full(op: str, e: BaseException) -> None:
+    """A full disk fails every write until space is freed: log it every 10 s, not per
+    request (an application retrying in a loop would fill the log, on that same disk)."""
+    global _disk_full_logged
+    now = time.monotonic()
+    if now - _disk_full_logged >= _DISK_FULL_EVERY:
+        _disk_full_logged = now
+        log.warning("%s: disk full: %s", op, e)
 
 
 def handler(fn):
@@ -542,7 +556,7 @@ class SnapfsOperations(pyfuse3.Operations):
 
     @handler
     async def fsyncdir(self, fh, datasync):
-        await self.fs.sync()
+        await self.fs.sync_metadata()
 
     # -- xattrs --------------------------------------------------------------------------------
     @handler

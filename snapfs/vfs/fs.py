@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import trio
 
-from snapfs.errors import FsError, IntegrityError, NotFound, Refused
+from snapfs.errors import FsError, IntegrityError, NotFound, Refused, is_disk_full
 from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.repository import Repository
@@ -115,6 +115,7 @@ class Filesystem:
         self.checkpoints = 0
         self._last_dirty = time.monotonic()  # when dirty data was last seen (trim_pool)
         self._damage_reported: set[str] = set()  # write-back errors already logged
+        self._disk_full_logged = -60.0  # when a full disk was last logged (background)
         if clean_orphans:
             self._clean_orphans()
 
@@ -187,8 +188,11 @@ class Filesystem:
                 self._complete_wake = trio.Event()
                 try:
                     await self.store_complete()
-                except Exception:
-                    log.exception("storing complete chunks failed; the write-back will retry")
+                except Exception as e:
+                    if not is_disk_full(e):
+                        log.exception("storing complete chunks failed; the write-back will "
+                                      "retry")
+                    # a full disk: the chunks stay dirty, fsync reports it, write-back retries
         finally:
             self._complete_worker_running = False
             self._complete.clear()
@@ -310,14 +314,48 @@ class Filesystem:
             v.flush_inodes()
 
     async def sync(self, view: View | None = None, node: Inode | None = None) -> None:
-        """Durability point: dirty data, then inode attributes, then fsync packs and WAL."""
-        if node is not None and view is not None:
-            await view.flush_data(node)
-        else:
-            await self.flush_dirty(view)
+        """Durability point: dirty data, then inode attributes, then fsync packs and WAL.
+        On a full disk the metadata is still made durable, then the error is raised: what
+        could not be stored stays dirty (and reads as before)."""
+        full = None
+        try:
+            if node is not None and view is not None:
+                await view.flush_data(node)
+            else:
+                await self.flush_dirty(view)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            full = e
         async with self._sync_lock:
             self.flush_inodes()
             await self.commit_catalog(durable=True)
+        if full is not None:
+            raise full
+
+    async def sync_metadata(self) -> None:
+        """fsync of a directory: every name, attribute and link durable, but no file
+        data (that is each file's own fsync; flushing all of it here made a directory
+        fsync wait for every dirty file, and fail when one of them could not be stored)."""
+        async with self._sync_lock:
+            self.flush_inodes()
+            await self.commit_catalog(durable=True)
+
+    async def shutdown(self) -> None:
+        """The unmount's last sync. Dirty data may now use three quarters of the pack
+        store's reserve (what is not stored here is lost; the catalog needs little more
+        than this one commit). If the disk is full even so, the metadata is committed and
+        the loss is logged in one line."""
+        packs = self.repo.packs
+        packs.reserve //= 4
+        try:
+            await self.sync()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            files = len(self._dirty)
+            log.error("unmounted with %.1f MiB of unsynced data in %d file(s) that could not "
+                      "be stored: %s", self.dirty_bytes() / (1 << 20), files, e)
 
     async def commit_catalog(self, durable: bool) -> None:
         """End the open catalog transaction, never before the pack data it references.
@@ -342,10 +380,19 @@ class Filesystem:
 
     async def group_commit(self) -> None:
         """Periodic: write back (see the policy above) and end the open catalog
-        transaction (no fsync)."""
-        await self.write_back()
+        transaction (no fsync). On a full disk the data stays dirty, but the metadata is
+        committed all the same (the catalog has the pack store's reserve to grow into)."""
+        full = None
+        try:
+            await self.write_back()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            full = e
         self.flush_inodes()
         await self.commit_catalog(durable=False)
+        if full is not None:
+            raise full
 
     async def checkpoint(self) -> None:
         """Copy the WAL into the database and let SQLite reuse it from its start.
@@ -393,8 +440,19 @@ class Filesystem:
                     last_gc = now
                     self.gc_requested = False
                     await self.gc()
-            except Exception:
-                log.exception("background write-back failed; will retry")
+            except Exception as e:
+                if is_disk_full(e):
+                    self._warn_disk_full(e)
+                else:
+                    log.exception("background write-back failed; will retry")
+
+    def _warn_disk_full(self, e: BaseException) -> None:
+        """Once a minute at most while the disk stays full."""
+        now = time.monotonic()
+        if now - self._disk_full_logged >= 60:
+            self._disk_full_logged = now
+            log.warning("the disk holding the repository is full; changes stay in memory "
+                        "until space is freed (delete files, then `snapfs gc`): %s", e)
 
     async def trim_pool(self, now: float) -> None:
         """Once nothing has been dirty for POOL_IDLE_SECONDS, keep IDLE_POOL_BYTES of free
