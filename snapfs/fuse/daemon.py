@@ -117,9 +117,29 @@ def _tell(fd: int | None, msg: str) -> None:
         pass
 
 
+def raise_fd_limit() -> int:
+    """Lift the soft limit on open files to the hard one; returns the limit in force.
+
+    The daemon keeps a read descriptor per pack file (128 MiB each): Debian's default
+    soft limit of 1,024 would make reads fail with EMFILE past about 120 GiB of data.
+    The hard limit (524,288 by default under systemd) covers petabytes."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return want
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None,
          ready_fd: int | None, secret: bytes | None = None,
          cache_bytes: int | None = None, dirty_limit: int | None = None) -> int:
+    fd_limit = raise_fd_limit()
     repo = Repository(repo_path, holder=f"the snapfs mount at {mnt}", secret=secret,
                       cache_bytes=cache_bytes)
     fs = Filesystem(repo, dirty_limit=dirty_limit)
@@ -137,7 +157,8 @@ def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None
         raise SnapfsError(f"cannot mount at {mnt}: {e}")
     with open(repo.paths.pid, "w") as f:
         f.write(f"{os.getpid()}\n")
-    log.info("mounted %s at %s (chunk size %d)", repo.paths.root, mnt, repo.chunk_size)
+    log.info("mounted %s at %s (chunk size %d, open files up to %d)", repo.paths.root, mnt,
+             repo.chunk_size, fd_limit)
     ok = False
     try:
         watch = LoopWatch(lambda: ops.requests)
