@@ -142,10 +142,8 @@ def _full_rows(view: View) -> _Rows:
                 rows.dirents.append([ino, name.hex(), child])
                 stack.append(child)
         elif stat.S_ISREG(node.mode):
-            for idx in range(view._nblocks(node.size)):
-                chunk = view.block(node, idx)
-                if chunk:
-                    rows.blocks.append((ino, idx, chunk))
+            for idx, chunk in view.stored_blocks(node):
+                rows.blocks.append((ino, idx, chunk))
     return rows
 
 

@@ -115,11 +115,8 @@ def tree_counts(view: View) -> Counter:
     for ino in inos:
         node = view.get(ino)
         if stat.S_ISREG(node.mode):
-            n = (node.size + view.chunk_size - 1) // view.chunk_size
-            for i in range(n):
-                c = view.block(node, i)
-                if c:
-                    counts[c] += 1
+            for _, c in view.stored_blocks(node):
+                counts[c] += 1
     return counts
 
 

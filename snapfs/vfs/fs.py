@@ -43,7 +43,11 @@ from snapfs.vfs.view import PAGE, BufferPool, Inode, View, release_free_memory, 
 
 log = logging.getLogger(__name__)
 
-MAX_FILE_SIZE = 1 << 46  # 64 TiB
+# The kernel's own limit for FUSE files (MAX_LFS_FILESIZE). A lower one cannot be
+# enforced: with the writeback cache the kernel accepts a write up to its limit and
+# reports success before the daemon sees it, so a daemon that then refused it would
+# lose the data silently (a 64 TiB limit did exactly that).
+MAX_FILE_SIZE = (1 << 63) - 1
 # A checkpoint starts when the WAL file grows past the size it is cut back to after a
 # restart (so: when its content does), and every checkpoint_every seconds. Continuous
 # commits append about 100 KB each: with only a 30 s timer the WAL reached hundreds of MB.

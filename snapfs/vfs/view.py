@@ -44,6 +44,17 @@ def now_ns() -> int:
     return time.clock_gettime_ns(_COARSE)
 
 NAME_MAX = 255
+# Timestamps are stored as signed 64-bit nanoseconds (years 1677 to 2262). Like ext4
+# with its own range, a time outside is clamped, not refused (`touch -d 3000-01-01`
+# works; stat then shows 2262-04-11). Unclamped, the catalog refused the row and the
+# inode in memory kept a time no later save could store.
+TIME_NS_MIN = -(1 << 63)
+TIME_NS_MAX = (1 << 63) - 1
+
+
+def _clamp_time(ns: int) -> int:
+    return min(TIME_NS_MAX, max(TIME_NS_MIN, ns))
+
 WINDOW = 1024  # blocks resolved per catalog query
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -558,11 +569,30 @@ class View:
 
     def _load_all(self, node: Inode) -> None:
         last = self._nblocks(node.size)
-        for window in range((last + WINDOW - 1) // WINDOW):
-            if window not in node.windows:
-                self._load_window(node, window)
+        self._load_windows(node, self._row_indices(node))
         for idx in [i for i in node.blocks if i >= last]:
             del node.blocks[idx]
+
+    def stored_blocks(self, node: Inode) -> list[tuple[int, int]]:
+        """(index, chunk) of every stored block of a file, in order (holes left out).
+        O(blocks it has), not O(size): what fsck, export and the accounting of an import
+        walk (window by window over the size, an exabyte-sized sparse file never ended)."""
+        n = self._nblocks(node.size)
+        self._load_windows(node, self._row_indices(node))
+        return sorted((i, c) for i, c in node.blocks.items() if c and i < n)
+
+    def _row_indices(self, node: Inode, first: int = 0) -> list[int]:
+        """Block indices from first on that have rows in the catalog (in any vertex): with
+        memory, the only places a stored block can be. O(rows), not O(size): a sparse
+        file of exabytes has a handful (going window by window over its size never
+        ended)."""
+        return [idx for (idx,) in self.cat.execute(
+            "SELECT DISTINCT idx FROM blocks WHERE ino=? AND idx>=? ORDER BY idx",
+            (node.ino, first))]
+
+    def _load_windows(self, node: Inode, indices: list[int]) -> None:
+        for window in sorted({i // WINDOW for i in indices} - node.windows):
+            self._load_window(node, window)
 
     def _maybe_delete(self, node: Inode) -> None:
         """An inode with no names and no open handles is gone: release its data."""
@@ -685,10 +715,10 @@ class View:
         if gid is not None and gid != -1 and gid != 0xFFFFFFFF:
             node.gid = gid
         if atime_ns is not None:
-            node.atime_ns = atime_ns
+            node.atime_ns = _clamp_time(atime_ns)
         if mtime_ns is not None:
-            node.mtime_ns = mtime_ns
-        node.ctime_ns = ctime_ns if ctime_ns is not None else now_ns()
+            node.mtime_ns = _clamp_time(mtime_ns)
+        node.ctime_ns = _clamp_time(ctime_ns) if ctime_ns is not None else now_ns()
         self._save(node)
         return node
 
@@ -804,10 +834,28 @@ class View:
         self.graph.adjust_refs(draft, changes)
 
     def allocated_blocks(self, node: Inode) -> int:
-        """Blocks that hold data (stored or dirty): what st_blocks reports."""
+        """Blocks that hold data (stored or dirty): what st_blocks reports. Counted over
+        the blocks in memory and the catalog's rows of the windows not loaded (streamed,
+        resolved along the chain, not loaded): O(stored blocks), whatever the size."""
         if node.allocated is None:
             n = self._nblocks(node.size)
-            node.allocated = sum(1 for i in range(n) if i in node.buffers or self.block(node, i))
+            count = sum(1 for i, c in node.blocks.items() if c and i < n)  # loaded windows
+            chain = self.graph.chain(self.vertex_id)
+            cur, depth, chunk = -1, -1, 0
+            for idx, vertex, c in self.cat.execute(
+                    "SELECT idx, vertex, chunk FROM blocks WHERE ino=? AND idx<? ORDER BY idx",
+                    (node.ino, n)):
+                if idx // WINDOW in node.windows:
+                    continue
+                if idx != cur:
+                    count += chunk != 0
+                    cur, depth, chunk = idx, -1, 0
+                d = chain.get(vertex, -1)
+                if d > depth:
+                    depth, chunk = d, c
+            count += chunk != 0
+            node.allocated = count + sum(1 for i in node.buffers
+                                         if i < n and not self.block(node, i))
         return node.allocated
 
     def _nblocks(self, size: int) -> int:
@@ -822,16 +870,14 @@ class View:
         node.allocated = None
         if last <= first:
             return
-        for window in range(first // WINDOW, (last - 1) // WINDOW + 1):
-            if window not in node.windows:
-                self._load_window(node, window)
+        self._load_windows(node, self._row_indices(node, first))
         for idx in sorted(i for i, c in node.blocks.items() if i >= first and c):
             self.set_block(node, idx, 0)
 
     async def truncate(self, node: Inode, size: int) -> None:
         if size < 0:
             raise FsError(errno.EINVAL)
-        if size >= self.fs.max_file_size:
+        if size > self.fs.max_file_size:
             raise FsError(errno.EFBIG)
         if size < node.size:
             self._truncate_blocks(node, size)

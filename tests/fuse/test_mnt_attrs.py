@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from fusehelpers import drop_caches, expect_errno, write_bytes
+from fusehelpers import drop_caches, expect_errno, read_bytes, write_bytes
 
 TICK = 0.05  # longer than the coarse clock's granularity
 
@@ -139,6 +139,40 @@ def test_utimens_before_1970_and_after_2038(wd):
     drop_caches()
     assert os.stat(wd / "old").st_mtime_ns == old
     assert os.stat(wd / "new").st_mtime_ns == new
+
+
+def test_utimens_beyond_the_64_bit_nanosecond_range_is_clamped(mount, vd):
+    """Like ext4 outside its range: clamped, not an error; and the inode stays savable
+    (an unclamped time used to make every later save of it fail)."""
+    write_bytes(vd / "f", b"")
+    far, before = 17_179_869_184 * 10**9, -(10**19)  # year 2514, year 1653
+    os.utime(vd / "f", ns=(before, far))
+    os.chmod(vd / "f", 0o600)  # saves the inode again
+    mount.remount()
+    st = os.stat(vd / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (-(1 << 63), (1 << 63) - 1)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_writes_up_to_the_kernels_file_size_limit_are_kept(mount, vd):
+    """The kernel accepts writes up to its own limit for FUSE files and reports success
+    before the daemon sees them (writeback cache), so the daemon's limit must be the
+    same: a lower one lost such a write silently."""
+    fd = os.open(vd / "f", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        end = (1 << 63) - 1
+        assert os.pwrite(fd, b"far", end - 3) == 3
+        assert os.pwrite(fd, b"petabyte", 1 << 50) == 8
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    mount.remount()
+    assert os.stat(vd / "f").st_size == (1 << 63) - 1
+    assert read_bytes(vd / "f", (1 << 50) - 2, 12) == b"\0\0petabyte\0\0"
+    assert read_bytes(vd / "f", end - 3, 3) == b"far"
+    os.truncate(vd / "f", end)  # the largest size there is: accepted
+    os.truncate(vd / "f", 1 << 40)
+    assert os.stat(vd / "f").st_size == 1 << 40
 
 
 def test_utimens_on_directory(wd):

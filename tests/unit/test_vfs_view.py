@@ -34,7 +34,13 @@ from snapfs.repository import Repository
 from snapfs.store.repo import init_repository
 from snapfs.types import ROOT_INO
 from snapfs.vfs.fs import Filesystem
-from snapfs.vfs.view import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
+from snapfs.vfs.view import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    View,
+)
 
 
 def raises_errno(code: int):
@@ -377,11 +383,12 @@ async def test_truncate_limits(fs, view):
         await view.truncate(f, -1)
     fs.max_file_size = 10 * CS
     with raises_errno(errno.EFBIG):
-        await view.truncate(f, 10 * CS)
+        await view.truncate(f, 10 * CS + 1)
     with raises_errno(errno.EFBIG):
         await view.write(f, 10 * CS - 2, b"abc")
     await view.write(f, 10 * CS - 3, b"abc")
     assert f.size == 10 * CS
+    await view.truncate(f, 10 * CS)
 
 
 # -- extended attributes -----------------------------------------------------------------------
@@ -1109,3 +1116,27 @@ async def test_a_page_written_over_a_damaged_chunk_is_reported_not_merged(big_vi
     with pytest.raises(IntegrityError):
         await view.write(bad, 100, b"x")
     assert fs.pool.pages == 1 and fs.pool.out == 0
+
+
+@trio_test
+async def test_allocated_blocks_counts_stored_blocks_not_the_size(fs, view):
+    """st_blocks: every block that holds data, stored (resolved along the chain: the
+    snapshot's, minus what the draft truncated) or dirty; computed from the rows, so an
+    exabyte-sized sparse file costs what its few blocks cost (it never returned)."""
+    f = mkfile(view, b"f")
+    for i in range(0, 40, 3):
+        await view.write(f, i * CS, b"x" * 10)
+    await fs.sync()
+    await fs.commit(view, "one")
+    await view.truncate(f, 20 * CS)  # blocks 21..39 go, in the draft only
+    await view.write(f, 25 * CS, b"y")  # dirty, over a hole
+    await view.write(f, 3 * CS, b"z")  # dirty, over a stored block
+    await view.truncate(f, 1 << 60)
+    expected = len(range(0, 20, 3)) + 1
+    assert view.allocated_blocks(f) == expected
+    await fs.sync()
+    fresh = View(fs, "volume", "v")  # no window of the file loaded
+    assert fresh.allocated_blocks(fresh.get(f.ino)) == expected
+    fresh = View(fs, "volume", "v")
+    await fresh.truncate(fresh.get(f.ino), 4 * CS)  # drops the stored blocks past it
+    assert fresh.allocated_blocks(fresh.get(f.ino)) == 2
