@@ -91,6 +91,13 @@ class FsError(SnapfsError):
         super().__init__(message or _errno.errorcode.get(errno, str(errno)), errno=errno)
 
 
+class DiskFull(SnapfsError):
+    """The file system holding the repository has no room left for what must be written."""
+
+    exit_code = 12
+    errno = _errno.ENOSPC
+
+
 def fs_error(code: int) -> FsError:
     return FsError(code)
 

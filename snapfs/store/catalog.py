@@ -52,7 +52,7 @@ import os
 import sqlite3
 import time
 
-from snapfs.errors import FormatError
+from snapfs.errors import DiskFull, FormatError
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,15 @@ CREATE TABLE IF NOT EXISTS imports (bundle TEXT PRIMARY KEY, vertex INTEGER, imp
 """
 
 
+def _nearly_full(directory: str) -> bool:
+    """Less than 1 MiB free (what opening and one small commit need)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
 class Catalog:
     """The SQLite connection plus group commit and background checkpoints."""
 
@@ -158,6 +167,11 @@ class Catalog:
                 self.db.executescript(SCHEMA)
                 self._check_format(existed)
         except sqlite3.DatabaseError as e:
+            if not readonly and _nearly_full(os.path.dirname(path) or "."):
+                # opening in WAL mode creates its -wal and -shm files: on a full disk
+                # SQLite says "disk I/O error", which is not damage
+                raise DiskFull(f"cannot open the catalog {path}: the disk holding the "
+                               f"repository is full ({e}); free some space first")
             raise FormatError(f"catalog {path} cannot be read ({e}); run `snapfs fsck`")
         self._in_tx = False
         self._redo: list[tuple[str, object, bool]] = []  # the open transaction's writes

@@ -124,3 +124,24 @@ def test_catalog_commit_on_a_disk_another_process_filled_is_redone(small_disk):
     names = sorted(os.listdir(m.vol / "dir"))
     assert names == sorted([f"f{i:03d}" for i in range(300)] + ["kept"])
     assert (m.vol / "dir" / "kept").read_bytes() == b"kept"
+
+
+def test_mounting_on_a_full_disk_says_so_and_works_once_there_is_room(small_disk):
+    """Opening the catalog creates SQLite's -wal and -shm files; on a full disk SQLite
+    reports a "disk I/O error", which must not read as damage."""
+    m = small_disk
+    write_bytes(m.vol / "f", b"kept")
+    _fsync(m.vol / "f")
+    m.umount()
+    filler = m.base / "filler"
+    with pytest.raises(OSError), open(filler, "wb") as f:
+        while True:
+            f.write(bytes(1 << 20))
+            f.flush()
+    for args in (["mount", m.repo, m.mnt], ["fsck", m.repo]):
+        r = m.run_cli(*args, check=False)
+        assert_one_line_error(r, "disk holding the repository is full", "free some space")
+        assert "fsck" not in r.stderr  # not sent to fsck for a full disk
+    filler.unlink()
+    m.mount()
+    assert (m.vol / "f").read_bytes() == b"kept"
