@@ -840,6 +840,11 @@ class View:
         if node.allocated is None:
             n = self._nblocks(node.size)
             count = sum(1 for i, c in node.blocks.items() if c and i < n)  # loaded windows
+            windows = (n + WINDOW - 1) // WINDOW
+            if windows <= 64 and all(w in node.windows for w in range(windows)):
+                node.allocated = count + sum(1 for i in node.buffers
+                                             if i < n and not node.blocks.get(i))
+                return node.allocated  # all in memory (the usual small file): no query
             chain = self.graph.chain(self.vertex_id)
             cur, depth, chunk = -1, -1, 0
             for idx, vertex, c in self.cat.execute(

@@ -1140,3 +1140,16 @@ async def test_allocated_blocks_counts_stored_blocks_not_the_size(fs, view):
     fresh = View(fs, "volume", "v")
     await fresh.truncate(fresh.get(f.ino), 4 * CS)  # drops the stored blocks past it
     assert fresh.allocated_blocks(fresh.get(f.ino)) == 2
+
+
+@trio_test
+async def test_allocated_blocks_of_a_small_file_in_memory_and_from_the_rows(fs, view):
+    g = mkfile(view, b"g")
+    await view.write(g, 0, b"a")
+    await view.write(g, 2 * CS, b"b")
+    assert view.allocated_blocks(g) == 2
+    await fs.sync()
+    g.allocated = None
+    assert view.allocated_blocks(g) == 2  # every window loaded: counted in memory
+    fresh = View(fs, "volume", "v")
+    assert fresh.allocated_blocks(fresh.get(g.ino)) == 2  # from the catalog's rows
