@@ -76,6 +76,8 @@ def test_data_filling_the_disk_leaves_metadata_working_and_space_comes_back(smal
         (m.vol / "dir" / f"empty{i}").touch()
     os.rename(m.vol / "dir" / "empty0", m.vol / "renamed")
     _fsync(m.vol / "dir")
+    # the stats still open: what is stored, and how much is not
+    assert m.stats()["dirty_bytes"] > 0
     # a commit has to store the dirty data first: refused in one clear line
     assert_one_line_error(m.run_cli("commit", m.vol, "--label", "full", check=False),
                           "disk", "full", "snapfs gc")
