@@ -95,7 +95,7 @@ async def handle(fs: Filesystem, req: dict, progress: Progress | None = None) ->
             "name": v.name, "id": v.id, "parent": g.vertices[v.parent].name if v.parent else None,
             "created": v.created, "delta": v.delta, "referenced": v.referenced} for v in snaps]}
     if op == "stats":
-        await fs.flush_dirty()
+        await fs.flush_for_figures()
         if req.get("reclaim") and req.get("reclaim_only"):
             # O(the range), not O(the graph): the whole stats document is not built
             return {"reclaim": reclaim(fs, req["reclaim"])}
@@ -104,7 +104,7 @@ async def handle(fs: Filesystem, req: dict, progress: Progress | None = None) ->
             result["reclaim"] = reclaim(fs, req["reclaim"])
         return result
     if op == "diff":
-        await fs.flush_dirty()
+        await fs.flush_for_figures()
         return snapshot_diff(fs, req["a"], req["b"], chunks=bool(req.get("chunks")))
     if op == "snapshot-delete":
         await fs.delete_snapshot(req["name"], force=bool(req.get("force")))

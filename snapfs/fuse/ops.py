@@ -431,12 +431,7 @@ class SnapfsOperations(pyfuse3.Operations):
         if inode == STATS_INO:
             if flags & (os.O_WRONLY | os.O_RDWR):
                 raise FsError(errno.EROFS)
-            try:
-                await self.fs.flush_dirty()  # figures count every write made before the read
-            except Exception as e:
-                if not is_disk_full(e):
-                    raise
-                # a full disk: the figures cover what is stored, dirty_bytes what is not
+            await self.fs.flush_for_figures()
             data = self.fs.stats_json().encode()
             return pyfuse3.FileInfo(fh=self._new_fh(Handle(None, None, data)), direct_io=True)
         if inode < FIRST_DYNAMIC:

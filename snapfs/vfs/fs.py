@@ -312,6 +312,16 @@ class Filesystem:
                 if not node.buffers:
                     del self._dirty[key]
 
+    async def flush_for_figures(self) -> None:
+        """Before stats or a diff: store the dirty data, so that the figures count every
+        write made before. On a full disk they cover what is stored (dirty_bytes says
+        how much is not): refusing them then would hide where the space went."""
+        try:
+            await self.flush_dirty()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+
     def flush_inodes(self, view: View | None = None) -> None:
         views = [view] if view else [*self.volume_views.values(), *self.snapshot_views.values()]
         for v in views:

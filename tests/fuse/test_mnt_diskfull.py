@@ -78,6 +78,7 @@ def test_data_filling_the_disk_leaves_metadata_working_and_space_comes_back(smal
     _fsync(m.vol / "dir")
     # the stats still open: what is stored, and how much is not
     assert m.stats()["dirty_bytes"] > 0
+    assert "dirty_bytes" in m.run_cli("-C", m.vol, "stats", "--json").stdout
     # a commit has to store the dirty data first: refused in one clear line
     assert_one_line_error(m.run_cli("commit", m.vol, "--label", "full", check=False),
                           "disk", "full", "snapfs gc")
