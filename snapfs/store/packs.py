@@ -56,8 +56,8 @@ DEFAULT_PACK_LIMIT = 128 * 1024 * 1024
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+; 0: read_cached always declines
 MAX_IOVECS = 1000  # per pwritev call (IOV_MAX is 1024 on Linux)
 # Free space that chunk data may not take (see PackStore.reserve): 1/64 of the file
-# system, at least 16 MiB and at most 512 MiB.
-RESERVE_MIN = 16 << 20
+# system, at least 4 MiB and at most 512 MiB.
+RESERVE_MIN = 4 << 20
 RESERVE_MAX = 512 << 20
 
 
