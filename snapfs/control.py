@@ -170,7 +170,10 @@ async def _replacing(path: str) -> AsyncIterator[BinaryIO]:
         with open(path, "wb") as out:
             yield out
         return
-    fd, tmp = tempfile.mkstemp(prefix=".snapfs-export-", dir=os.path.dirname(path) or ".")
+    # named after the bundle, like rsync's temporaries: one left by a killed daemon
+    # says whose it was (and a new export of the same name starts afresh beside it)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".snapfs-partial",
+                               dir=os.path.dirname(path) or ".")
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
