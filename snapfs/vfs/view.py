@@ -198,11 +198,24 @@ class Inode:
                 self.mtime_ns, self.ctime_ns, self.rdev, self.target)
 
 
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
 def _refuse_acl(name: bytes) -> None:
     """POSIX ACLs are not supported (pyfuse3 cannot ask the kernel to enforce them):
     refuse them the way ext4 mounted with noacl does, so that cp -a and tar fall back to
     plain modes instead of storing an ACL nobody applies."""
     if name.startswith(b"system.posix_acl_"):
+        raise FsError(errno.EOPNOTSUPP)
+
+
+def _check_xattr_namespace(name: bytes) -> None:
+    """Set only names of the namespaces Linux file systems store; any other (system.*,
+    "bogus.x") gets EOPNOTSUPP as on ext4 and tmpfs. The kernel hands a FUSE file system
+    every name, so this is ours to check (its permission checks, trusted.* for
+    CAP_SYS_ADMIN and user.* only on files and directories, it does itself)."""
+    _refuse_acl(name)
+    if not name.startswith(XATTR_NAMESPACES):
         raise FsError(errno.EOPNOTSUPP)
 
 
@@ -759,7 +772,7 @@ class View:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name or len(name) > 255:
             raise FsError(errno.ERANGE)
-        _refuse_acl(name)
+        _check_xattr_namespace(name)
         if len(value) > 65536:
             raise FsError(errno.E2BIG)
         node = self.get(ino)

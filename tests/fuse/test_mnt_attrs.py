@@ -353,6 +353,16 @@ def test_statvfs_is_sane_on_volume_file_and_root(mount, wd):
         _check_statvfs(os.statvfs(p))
 
 
+def test_free_inodes_go_down_as_files_are_created(mount, vd):
+    mount.require_snapfs("inode numbers handed out")
+    before = os.statvfs(vd)
+    assert before.f_files - before.f_ffree < before.f_files // 1000  # not "50 % used"
+    for i in range(10):
+        write_bytes(vd / f"f{i}", b"")
+    after = os.statvfs(vd)
+    assert before.f_ffree - after.f_ffree == 10
+
+
 def test_df_reports_the_mount(mount):
     r = subprocess.run(["df", "-P", str(mount.vol)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
