@@ -376,6 +376,15 @@ def _acl_xattr(user: int, group: int, other: int) -> bytes:
                                            for tag, perm in entries)
 
 
+def test_xattr_outside_the_known_namespaces_is_refused_as_on_ext4(wd):
+    write_bytes(wd / "f", b"x")
+    for name in ("bogus.name", "system.foo", "userx.name"):
+        expect_errno(errno.EOPNOTSUPP, os.setxattr, wd / "f", name, b"1")
+    os.setxattr(wd / "f", "trusted.ok", b"1")  # root: CAP_SYS_ADMIN
+    os.setxattr(wd / "f", "security.ok", b"1")
+    assert {"trusted.ok", "security.ok"} <= set(os.listxattr(wd / "f"))
+
+
 def test_posix_acl_is_applied_or_refused(wd):
     """cp -a and rsync -A set modes through ACL xattrs: a filesystem must either apply
     them to the mode or refuse them (EOPNOTSUPP), never store them and ignore them."""
