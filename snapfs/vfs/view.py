@@ -199,6 +199,7 @@ class Inode:
 
 
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+XATTR_LIST_MAX = 65536  # the kernel's limit on listxattr's answer: names, NUL-terminated
 
 
 def _refuse_acl(name: bytes) -> None:
@@ -781,6 +782,10 @@ class View:
             raise FsError(errno.EEXIST)
         if flags & XATTR_REPLACE and name not in attrs:
             raise FsError(errno.ENODATA)
+        if name not in attrs and sum(len(n) + 1 for n in attrs) + len(name) + 1 > XATTR_LIST_MAX:
+            # past this the kernel cannot list the names any more (E2BIG for listxattr,
+            # so getfattr -d, cp -a and rsync -X fail on the file): refuse the name instead
+            raise FsError(errno.ENOSPC)
         attrs[name] = bytes(value)
         self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
                        (ino, self.meta.xname_enc(ino, name), self.draft_id(),

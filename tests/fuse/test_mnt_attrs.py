@@ -376,6 +376,23 @@ def _acl_xattr(user: int, group: int, other: int) -> bytes:
                                            for tag, perm in entries)
 
 
+def test_xattr_names_stop_where_listxattr_could_no_longer_list_them(wd):
+    """ext4 runs out of room far earlier (ENOSPC); past 64 KiB of names the kernel's
+    listxattr fails with E2BIG, and with it getfattr -d, cp -a and rsync -X."""
+    write_bytes(wd / "f", b"x")
+    names = []
+    with pytest.raises(OSError) as e:
+        for i in range(4000):
+            names.append(f"user.{'n' * 40}{i:05d}")
+            os.setxattr(wd / "f", names[-1], b"v")
+    assert e.value.errno == errno.ENOSPC
+    listed = os.listxattr(wd / "f")
+    assert len(listed) == len(names) - 1 and sum(len(n) + 1 for n in listed) <= 65536
+    os.setxattr(wd / "f", names[0], b"replaced")  # an existing name can still change
+    os.removexattr(wd / "f", names[1])
+    os.setxattr(wd / "f", names[-1], b"v")  # room again
+
+
 def test_xattr_outside_the_known_namespaces_is_refused_as_on_ext4(wd):
     write_bytes(wd / "f", b"x")
     for name in ("bogus.name", "system.foo", "userx.name"):
