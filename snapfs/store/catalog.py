@@ -189,7 +189,12 @@ class Catalog:
 
     # -- transactions ------------------------------------------------------------------
     def begin(self) -> None:
-        """Make sure a write transaction is open; the caller's changes join it."""
+        """Make sure a write transaction is open; the caller's changes join it. If SQLite
+        rolled the open one back (a statement or a COMMIT that met a full disk), its
+        writes are redone first."""
+        if self._in_tx and not self.db.in_transaction:
+            self._in_tx = False
+            self._replay_pending = True
         if not self._in_tx:
             self.db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
@@ -228,15 +233,13 @@ class Catalog:
     def commit(self) -> None:
         """End the group transaction (WAL append, no fsync: see sync_wal). On failure
         the changes stay in an open transaction (see the module docstring)."""
-        if self._replay_pending:
-            self.begin()
+        if self._replay_pending or (self._in_tx and not self.db.in_transaction):
+            self.begin()  # redo what SQLite rolled back, then commit it with the rest
         if self._in_tx:
             try:
                 self.db.execute("COMMIT")
             except sqlite3.Error:
-                if not self.db.in_transaction:  # SQLite rolled it back
-                    self._in_tx = False
-                    self._replay_pending = True
+                if not self.db.in_transaction:  # SQLite rolled it back: redo it now
                     try:
                         self.begin()
                     except sqlite3.Error as e:

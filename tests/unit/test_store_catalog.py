@@ -295,3 +295,36 @@ def test_rollback_discards_the_redo_list(db_path):
     cat.db = real
     assert [cat.meta_get(k) for k in ("a", "gone", "b")] == [1, None, 2]
     cat.close()
+
+
+class _FullOnStatement(_FullOnCommit):
+    """Fails one INSERT as a full disk can in the middle of a transaction (a page
+    cache spill): SQLite rolls the whole transaction back."""
+
+    def execute(self, sql, *args):
+        if sql.startswith("INSERT INTO meta") and args and args[0][:1] == ("fail",) \
+                and self.failures:
+            self.failures -= 1
+            self._db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+
+def test_a_statement_whose_failure_rolled_back_the_transaction_is_redone(db_path):
+    cat = Catalog(db_path)
+    cid = cat.write("INSERT INTO chunks (hash, pack, offset, length, raw_len) "
+                    "VALUES (?, 0, 0, 0, 0)", (b"h1",)).lastrowid
+    cat.write("INSERT INTO meta VALUES ('a', 1)")
+    real, cat.db = cat.db, _FullOnStatement(cat.db)
+    with pytest.raises(sqlite3.OperationalError):
+        cat.write("INSERT INTO meta VALUES (?, ?)", ("fail", 0))
+    # the next write finds the transaction gone, redoes it, and joins it: nothing is
+    # written twice or in autocommit mode
+    cat.write("INSERT INTO meta VALUES ('b', 2)")
+    assert cat.db.in_transaction
+    assert cat.execute("SELECT id FROM chunks WHERE hash=?", (b"h1",)).fetchone()[0] == cid
+    cat.commit()
+    cat.db = real
+    assert [cat.meta_get(k) for k in ("a", "b", "fail")] == [1, 2, None]
+    assert cat.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 1
+    cat.close()
