@@ -29,6 +29,7 @@ import pyfuse3
 import trio
 
 from snapfs.errors import FsError, IntegrityError, SnapfsError, is_disk_full
+from snapfs.ratelimit import Every
 from snapfs.types import ROOT_INO
 from snapfs.vfs.fs import Filesystem
 from snapfs.vfs.view import Inode, View
@@ -88,17 +89,12 @@ def fuse_error(op: str, e: BaseException) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EIO)
 
 
-_DISK_FULL_EVERY = 10.0  # seconds between two "disk full" lines in the log
-_disk_full_logged = -_DISK_FULL_EVERY
+# an application retrying in a loop would otherwise fill the log, on that same disk
+_disk_full_log = Every(10.0)
 
 
 def _warn_disk_full(op: str, e: BaseException) -> None:
-    """A full disk fails every write until space is freed: log it every 10 s, not per
-    request (an application retrying in a loop would fill the log, on that same disk)."""
-    global _disk_full_logged
-    now = time.monotonic()
-    if now - _disk_full_logged >= _DISK_FULL_EVERY:
-        _disk_full_logged = now
+    if _disk_full_log():
         log.warning("%s: disk full: %s", op, e)
 
 

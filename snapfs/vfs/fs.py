@@ -36,6 +36,7 @@ import trio
 from snapfs.errors import FsError, IntegrityError, NotFound, Refused, is_disk_full
 from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
+from snapfs.ratelimit import Every
 from snapfs.repository import Repository
 from snapfs.store.catalog import JOURNAL_SIZE_LIMIT
 from snapfs.store.gc import Collector
@@ -119,7 +120,7 @@ class Filesystem:
         self.checkpoints = 0
         self._last_dirty = time.monotonic()  # when dirty data was last seen (trim_pool)
         self._damage_reported: set[str] = set()  # write-back errors already logged
-        self._disk_full_logged = -60.0  # when a full disk was last logged (background)
+        self._disk_full_log = Every(60.0)  # the background pass's "disk full" line
         if clean_orphans:
             self._clean_orphans()
 
@@ -462,9 +463,7 @@ class Filesystem:
 
     def _warn_disk_full(self, e: BaseException) -> None:
         """Once a minute at most while the disk stays full."""
-        now = time.monotonic()
-        if now - self._disk_full_logged >= 60:
-            self._disk_full_logged = now
+        if self._disk_full_log():
             log.warning("the disk holding the repository is full; changes stay in memory "
                         "until space is freed (delete files, then `snapfs gc`): %s", e)
 
