@@ -22,6 +22,7 @@ import logging
 import stat
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -588,12 +589,19 @@ class View:
             del node.blocks[idx]
 
     def stored_blocks(self, node: Inode) -> list[tuple[int, int]]:
-        """(index, chunk) of every stored block of a file, in order (holes left out).
-        O(blocks it has), not O(size): what fsck, export and the accounting of an import
-        walk (window by window over the size, an exabyte-sized sparse file never ended)."""
+        """(index, chunk) of every stored block of a file, in order (holes left out): the
+        loaded windows from memory, the others from the catalog's rows without loading
+        them. O(blocks it has), not O(size): what st_blocks, fsck, export and an import's
+        accounting walk (window by window over the size, an exabyte-sized sparse file
+        never ended). No query when every window is loaded (the usual small file)."""
         n = self._nblocks(node.size)
-        self._load_windows(node, self._row_indices(node))
-        return sorted((i, c) for i, c in node.blocks.items() if c and i < n)
+        found = {i: c for i, c in node.blocks.items() if c and i < n}
+        windows = (n + WINDOW - 1) // WINDOW
+        if windows > 64 or not all(w in node.windows for w in range(windows)):
+            for i, c in self._resolved_blocks(node, 0, n):
+                if c and i // WINDOW not in node.windows:
+                    found[i] = c
+        return sorted(found.items())
 
     def _row_indices(self, node: Inode, first: int = 0) -> list[int]:
         """Block indices from first on that have rows in the catalog (in any vertex): with
@@ -816,17 +824,28 @@ class View:
         return node.blocks.get(idx, 0)
 
     def _load_window(self, node: Inode, window: int) -> None:
-        chain = self.graph.chain(self.vertex_id)
-        best: dict[int, tuple[int, int]] = {}
-        for idx, vertex, chunk in self.cat.execute(
-                "SELECT idx, vertex, chunk FROM blocks WHERE ino=? AND idx>=? AND idx<?",
-                (node.ino, window * WINDOW, (window + 1) * WINDOW)):
-            depth = chain.get(vertex, -1)
-            if depth >= 0 and depth > best.get(idx, (-1, 0))[0]:
-                best[idx] = (depth, chunk)
-        for idx, (_, chunk) in best.items():
+        for idx, chunk in self._resolved_blocks(node, window * WINDOW, (window + 1) * WINDOW):
             node.blocks.setdefault(idx, chunk)
         node.windows.add(window)
+
+    def _resolved_blocks(self, node: Inode, first: int, stop: int) -> Iterator[tuple[int, int]]:
+        """(index, chunk) of the catalog's block rows of node in [first, stop), each index
+        resolved along the chain (the nearest vertex's row wins), in index order;
+        streamed, so a caller that only counts holds nothing."""
+        chain = self.graph.chain(self.vertex_id)
+        cur, depth, chunk = -1, -1, 0
+        for idx, vertex, c in self.cat.execute(
+                "SELECT idx, vertex, chunk FROM blocks WHERE ino=? AND idx>=? AND idx<? "
+                "ORDER BY idx", (node.ino, first, stop)):
+            if idx != cur:
+                if depth >= 0:
+                    yield cur, chunk
+                cur, depth, chunk = idx, -1, 0
+            d = chain.get(vertex, -1)
+            if d > depth:
+                depth, chunk = d, c
+        if depth >= 0:
+            yield cur, chunk
 
     def set_block(self, node: Inode, idx: int, chunk: int) -> None:
         """Point block idx of node at chunk in the draft, keeping reference counts exact."""
@@ -852,33 +871,12 @@ class View:
         self.graph.adjust_refs(draft, changes)
 
     def allocated_blocks(self, node: Inode) -> int:
-        """Blocks that hold data (stored or dirty): what st_blocks reports. Counted over
-        the blocks in memory and the catalog's rows of the windows not loaded (streamed,
-        resolved along the chain, not loaded): O(stored blocks), whatever the size."""
+        """Blocks that hold data (stored or dirty): what st_blocks reports."""
         if node.allocated is None:
             n = self._nblocks(node.size)
-            count = sum(1 for i, c in node.blocks.items() if c and i < n)  # loaded windows
-            windows = (n + WINDOW - 1) // WINDOW
-            if windows <= 64 and all(w in node.windows for w in range(windows)):
-                node.allocated = count + sum(1 for i in node.buffers
-                                             if i < n and not node.blocks.get(i))
-                return node.allocated  # all in memory (the usual small file): no query
-            chain = self.graph.chain(self.vertex_id)
-            cur, depth, chunk = -1, -1, 0
-            for idx, vertex, c in self.cat.execute(
-                    "SELECT idx, vertex, chunk FROM blocks WHERE ino=? AND idx<? ORDER BY idx",
-                    (node.ino, n)):
-                if idx // WINDOW in node.windows:
-                    continue
-                if idx != cur:
-                    count += chunk != 0
-                    cur, depth, chunk = idx, -1, 0
-                d = chain.get(vertex, -1)
-                if d > depth:
-                    depth, chunk = d, c
-            count += chunk != 0
-            node.allocated = count + sum(1 for i in node.buffers
-                                         if i < n and not self.block(node, i))
+            stored = {i for i, _ in self.stored_blocks(node)}
+            node.allocated = len(stored) + sum(1 for i in node.buffers
+                                               if i < n and i not in stored)
         return node.allocated
 
     def _nblocks(self, size: int) -> int:
