@@ -29,7 +29,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -317,11 +317,7 @@ class Filesystem:
         """Before stats or a diff: store the dirty data, so that the figures count every
         write made before. On a full disk they cover what is stored (dirty_bytes says
         how much is not): refusing them then would hide where the space went."""
-        try:
-            await self.flush_dirty()
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
+        await _disk_full_of(self.flush_dirty())
 
     def flush_inodes(self, view: View | None = None) -> None:
         views = [view] if view else [*self.volume_views.values(), *self.snapshot_views.values()]
@@ -332,19 +328,9 @@ class Filesystem:
         """Durability point: dirty data, then inode attributes, then fsync packs and WAL.
         On a full disk the metadata is still made durable, then the error is raised: what
         could not be stored stays dirty (and reads as before)."""
-        full = None
-        try:
-            if node is not None and view is not None:
-                await view.flush_data(node)
-            else:
-                await self.flush_dirty(view)
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            full = e
-        async with self._sync_lock:
-            self.flush_inodes()
-            await self.commit_catalog(durable=True)
+        full = await _disk_full_of(view.flush_data(node) if node is not None and view is not None
+                                   else self.flush_dirty(view))
+        await self.sync_metadata()
         if full is not None:
             raise full
 
@@ -363,14 +349,10 @@ class Filesystem:
         the loss is logged in one line."""
         packs = self.repo.packs
         packs.reserve //= 4
-        try:
-            await self.sync()
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            files = len(self._dirty)
+        full = await _disk_full_of(self.sync())
+        if full is not None:
             log.error("unmounted with %.1f MiB of unsynced data in %d file(s) that could not "
-                      "be stored: %s", self.dirty_bytes() / (1 << 20), files, e)
+                      "be stored: %s", self.dirty_bytes() / (1 << 20), len(self._dirty), full)
 
     async def commit_catalog(self, durable: bool) -> None:
         """End the open catalog transaction, never before the pack data it references.
@@ -397,13 +379,7 @@ class Filesystem:
         """Periodic: write back (see the policy above) and end the open catalog
         transaction (no fsync). On a full disk the data stays dirty, but the metadata is
         committed all the same (the catalog has the pack store's reserve to grow into)."""
-        full = None
-        try:
-            await self.write_back()
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            full = e
+        full = await _disk_full_of(self.write_back())
         self.flush_inodes()
         await self.commit_catalog(durable=False)
         if full is not None:
@@ -616,3 +592,15 @@ class Filesystem:
         if kind == "snapshot":
             return self.snapshot_view(name)
         raise NotFound(f"unknown view kind {kind}")
+
+
+async def _disk_full_of(work: Awaitable[None]) -> BaseException | None:
+    """Await work; a full disk is returned, not raised, for callers that commit the
+    metadata before they report it (data may wait in memory, names and links may not)."""
+    try:
+        await work
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        return e
+    return None
