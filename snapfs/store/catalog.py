@@ -149,6 +149,10 @@ class Catalog:
         if readonly and not existed:
             raise FormatError(f"catalog {path} is missing")
         uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        if not existed:
+            # SQLite creates the file 0644 and gives its -wal and -shm files the same
+            # mode: the catalog (names, xattrs) is the owner's alone
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None,
                                       check_same_thread=False, cached_statements=256)

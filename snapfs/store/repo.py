@@ -113,6 +113,10 @@ def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
     config = RepoConfig(FORMAT_VERSION, chunk_size, secrets.token_hex(16), id_key, encryption)
     try:
         os.makedirs(paths.packs, exist_ok=True)
+        # the catalog holds every name, xattr and symlink target, and an unencrypted
+        # pack holds file contents: only the owner may open anything in here, whatever
+        # the permissions inside the filesystem say (as borg's and restic's repositories)
+        os.chmod(paths.root, 0o700)
         write_json_atomic(paths.config, config.to_json(), mode=0o600)
     except BaseException:
         # leave nothing behind that would make a retry fail ("not empty")

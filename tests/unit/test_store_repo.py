@@ -53,6 +53,21 @@ def test_init_writes_config_0600(tmp_path):
     assert is_repository(root)
 
 
+def test_repository_is_private_to_its_owner(tmp_path):
+    """The catalog holds every name and xattr, unencrypted packs the contents: no other
+    local user may read them, whatever the modes inside the filesystem say."""
+    root = str(tmp_path / "r")
+    os.umask(old := os.umask(0o022))
+    try:
+        init_repository(root)
+        assert os.stat(root).st_mode & 0o777 == 0o700
+        with Repository(root, holder="unit test"):
+            for name in ("meta.db", "meta.db-wal", "meta.db-shm"):
+                assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o600, name
+    finally:
+        os.umask(old)
+
+
 def test_init_makes_fresh_keys(tmp_path):
     a = init_repository(str(tmp_path / "a"))
     b = init_repository(str(tmp_path / "b"))
