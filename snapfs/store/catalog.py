@@ -271,17 +271,19 @@ class Catalog:
     def sync_wal(self) -> None:
         """fsync the WAL file: everything committed so far survives a power loss.
 
+        Only the WAL: a commit writes nothing else, and SQLite itself syncs the database
+        file after every checkpoint, before the WAL it copied may be reused (synchronous
+        NORMAL or FULL). An fsync of the database here cost 40-150 us per file fsync.
         Safe to call from a worker thread: it touches only the file, not the connection.
         """
-        for name in (self.path + "-wal", self.path):
-            try:
-                fd = os.open(name, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:  # no WAL: everything is in the database, synced
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Copy the WAL back into the database; runs on its own connection (any thread).

@@ -328,7 +328,8 @@ class Filesystem:
         """Durability point: dirty data, then inode attributes, then fsync packs and WAL.
         On a full disk the metadata is still made durable, then the error is raised: what
         could not be stored stays dirty (and reads as before)."""
-        full = await _disk_full_of(view.flush_data(node) if node is not None and view is not None
+        full = await _disk_full_of(view.flush_data(node, sync=True)
+                                   if node is not None and view is not None
                                    else self.flush_dirty(view))
         await self.sync_metadata()
         if full is not None:
@@ -364,11 +365,15 @@ class Filesystem:
         """
         packs = self.repo.packs
         for _ in range(3):
-            await trio.to_thread.run_sync(packs.sync)
+            # a location is recorded only after its append returned, having set the
+            # flag: with it clear, every record the catalog points at is durable
+            # (an fsync that stored its data with sync=True finds it clear: no hop)
             if not packs.unsynced:
                 break
+            await trio.to_thread.run_sync(packs.sync)
         else:
-            packs.sync()
+            if packs.unsynced:
+                packs.sync()
         self.cat.commit()  # no await between the check above and this commit
         if self.cat.wal_bytes() > self.checkpoint_bytes:
             self._checkpoint_wanted.set()

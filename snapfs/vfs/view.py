@@ -1205,17 +1205,19 @@ class View:
         if not node.dirty:
             self._mark_dirty(node)
 
-    async def flush_blocks(self, node: Inode, idxs: list[int]) -> None:
+    async def flush_blocks(self, node: Inode, idxs: list[int], sync: bool = False) -> None:
         """Store dirty buffers as chunks (deduplicated) and point the blocks at them."""
-        await store_buffers(self.fs.chunks, [(self, node, idx) for idx in idxs])
+        await store_buffers(self.fs.chunks, [(self, node, idx) for idx in idxs], sync)
 
-    async def flush_data(self, node: Inode, batch: int = 64) -> None:
+    async def flush_data(self, node: Inode, batch: int = 64, sync: bool = False) -> None:
+        """Store the file's dirty buffers; sync=True (an fsync) also makes the records
+        durable, in the same worker-thread hop as their append."""
         for _ in range(8):
             if not node.buffers:
                 return
             idxs = sorted(node.buffers)
             for i in range(0, len(idxs), batch):
-                await self.flush_blocks(node, idxs[i:i + batch])
+                await self.flush_blocks(node, idxs[i:i + batch], sync)
 
 
 def _padded(piece: bytes | bytearray, n: int) -> bytes | bytearray:
@@ -1293,8 +1295,10 @@ async def _load_bases(fs: Filesystem, items: list[tuple[int, int, bytearray]]
     return result, error
 
 
-async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
-    """Store a batch of dirty buffers, of any inodes and views, with one put_many.
+async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
+                        sync: bool = False) -> None:
+    """Store a batch of dirty buffers, of any inodes and views, with one put_many
+    (sync: and make the records durable, see ChunkManager.put_many).
 
     Small files are stored many to a batch: one thread hop for hashing and one for the
     pack write serve them all. A buffer written again while it was being stored stays
@@ -1322,7 +1326,7 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]]) -> None:
     stored = [w[5] for w in work if w[5] is not None]
     ids: list[int] = []
     try:
-        ids = await chunks.put_many(stored) if stored else []
+        ids = await chunks.put_many(stored, sync=sync) if stored else []
     finally:
         for w in work:
             if w[5] is not None:

@@ -254,7 +254,7 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
         real_put_many = ofs.chunks.put_many
         batches = []
 
-        async def put_many(payloads):
+        async def put_many(payloads, sync=False):
             if len(payloads) > 1:  # the import's batches, not the commit below
                 batches.append(len(payloads))
             if len(batches) == 3 and "v" not in ofs.graph.volumes:
@@ -262,7 +262,7 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
                 await call(ofs, op="volume-create", name="v")
                 await write_file(ofs.volume_view("v"), b"x", b"other")
                 await call(ofs, op="commit", where="v", label="s")
-            return await real_put_many(payloads)
+            return await real_put_many(payloads, sync=sync)
 
         monkeypatch.setattr(ofs.chunks, "put_many", put_many)
         with pytest.raises(AlreadyExists, match="v@s"):

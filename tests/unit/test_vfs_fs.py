@@ -547,6 +547,35 @@ async def test_fsync_makes_pack_data_durable_before_the_catalog_references_it(fs
 
 
 @trio_test
+async def test_fsync_of_a_small_write_syncs_the_pack_once_then_commits_then_syncs_the_wal(
+        fs, view, monkeypatch):
+    """The fsync path of a database-like writer (4 KiB into a stored chunk): one append
+    with its fdatasync (same worker call), the catalog commit, the WAL fsync; no
+    second pack sync, and the WAL alone is fsynced (SQLite syncs the database file at
+    its checkpoints)."""
+    f = await write_file(view, b"f", pattern(4 * CS))
+    await fs.sync(view, f)
+    await view.write(f, CS + 4096, b"x" * 4096)
+    events = _record(monkeypatch, fs)
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(
+        f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    real_sync_wal = fs.cat.sync_wal
+
+    def sync_wal():
+        events.append("wal-sync")
+        real_sync_wal()
+
+    monkeypatch.setattr(fs.cat, "sync_wal", sync_wal)
+    await fs.sync(view, f)
+    assert events == ["append", "pack-sync", "catalog-commit", "wal-sync"], events
+    assert [os.path.basename(p) for p in synced] == ["meta.db-wal"]
+    assert await read_all(view, f) == (pattern(4 * CS)[:CS + 4096] + b"x" * 4096
+                                       + pattern(4 * CS)[CS + 8192:])
+
+
+@trio_test
 async def test_commit_makes_pack_data_durable_before_the_catalog_references_it(fs, view,
                                                                                 monkeypatch):
     await write_file(view, b"f", pattern(2 * CS))
@@ -792,11 +821,11 @@ async def test_a_write_during_a_store_thaws_the_buffer_and_the_chunk_stays_exact
     frozen_data = f.buffers[0].data
     real = fs.chunks.put_many
 
-    async def racing(payloads):  # a write arrives while the store reads the buffer
+    async def racing(payloads, sync=False):  # a write arrives while the store reads the buffer
         assert f.buffers[0].frozen == 1
         await view.write(f, 10, b"RACE")
         await view.write(f, CS - 2, b"ZZ")
-        return await real(payloads)
+        return await real(payloads, sync=sync)
 
     fs.chunks.put_many = racing
     await store_buffers(fs.chunks, [(view, f, 0)])
@@ -824,12 +853,12 @@ async def test_a_buffer_dropped_during_its_store_is_not_reused_meanwhile(fs, vie
     data = f.buffers[0].data
     real = fs.chunks.put_many
 
-    async def racing(payloads):
+    async def racing(payloads, sync=False):
         await view.truncate(f, 0)  # drops the buffer while the store reads it
         assert all(d is not data for d in fs.pool._free)
         g = mkfile(view, b"g")
         await view.write(g, 0, pattern(CS, seed=3))  # takes a pooled buffer: not that one
-        return await real(payloads)
+        return await real(payloads, sync=sync)
 
     fs.chunks.put_many = racing
     await store_buffers(fs.chunks, [(view, f, 0)])
