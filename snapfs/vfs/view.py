@@ -860,7 +860,7 @@ class View:
             return
         draft = self.draft_id()
         node.blocks[idx] = chunk
-        node.allocated = None
+        self._count_allocated(node, idx, old, chunk)
         self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
                        (node.ino, idx, draft, chunk))
         changes: dict[int, int] = {}
@@ -869,6 +869,18 @@ class View:
         if chunk:
             changes[chunk] = changes.get(chunk, 0) + 1
         self.graph.adjust_refs(draft, changes)
+
+    def _count_allocated(self, node: Inode, idx: int, old: int, chunk: int) -> None:
+        """Keep the st_blocks count of a block that changed from old to chunk, instead of
+        recounting the file (O(its blocks) at the next attribute reply: 50 us for 32 MiB,
+        milliseconds for a database of GiBs fsynced after every write)."""
+        if node.allocated is None:
+            return
+        if idx >= self._nblocks(node.size):
+            node.allocated = None
+            return
+        dirty = idx in node.buffers
+        node.allocated += (bool(chunk) or dirty) - (bool(old) or dirty)
 
     def allocated_blocks(self, node: Inode) -> int:
         """Blocks that hold data (stored or dirty): what st_blocks reports."""
@@ -1026,6 +1038,7 @@ class View:
         for buf in node.buffers.values():
             self.fs.pool.give(buf)
         node.buffers.clear()
+        node.allocated = None
 
     def read_now(self, node: Inode, offset: int, size: int) -> bytes | bytearray | None:
         """The read, if it needs nothing awaited; else None (then `read`).
@@ -1342,6 +1355,8 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
             view.set_block(node, idx, chunk)
             if buf.gen == gen:
                 view.fs.pool.give(node.buffers.pop(idx))
+                if not chunk:  # all zeros, stored as a hole: the block is no longer counted
+                    node.allocated = None
     finally:
         chunks.unpin(ids)
     if error is not None:  # a damaged base: its chunk stays dirty, the caller hears of it

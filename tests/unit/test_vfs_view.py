@@ -1143,6 +1143,42 @@ async def test_allocated_blocks_counts_stored_blocks_not_the_size(fs, view):
 
 
 @trio_test
+async def test_allocated_blocks_kept_by_stores_equals_a_recount(fs, view):
+    """A store updates the cached st_blocks count block by block (no recount per
+    fsync); after every step of random writes (data, zeros, into holes), stores,
+    fsyncs, truncates and commits it equals a count from scratch."""
+    import random
+
+    rng = random.Random(20261127)
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(8 * CS))
+    await fs.sync(view, f)
+    for step in range(300):
+        op = rng.random()
+        size_blocks = max(1, view._nblocks(f.size))
+        if op < 0.45:
+            offset = rng.randrange(0, (size_blocks + 2) * CS, 4096)
+            data = bytes(4096) if rng.random() < 0.2 else rng.randbytes(4096)
+            await view.write(f, offset, data)
+        elif op < 0.55:
+            idx = rng.randrange(size_blocks + 1)
+            await view.write(f, idx * CS, bytes(CS))  # a whole chunk of zeros
+        elif op < 0.75:
+            await fs.sync(view, f)
+        elif op < 0.85:
+            await fs.flush_dirty(view)
+        elif op < 0.95:
+            await view.truncate(f, rng.randrange(0, (size_blocks + 3) * CS))
+        else:
+            await fs.commit(view, f"s{step}")
+        view.allocated_blocks(f)  # the cached figure, kept from here on
+        cached = f.allocated
+        f.allocated = None
+        assert cached == view.allocated_blocks(f), step
+
+
+@trio_test
 async def test_allocated_blocks_of_a_small_file_in_memory_and_from_the_rows(fs, view):
     g = mkfile(view, b"g")
     await view.write(g, 0, b"a")
