@@ -292,6 +292,12 @@ def job_randwrite(ctx: JobContext) -> list[Sample]:
     return _rand_job(ctx, "randwrite", True, rw="randwrite", ioengine="psync", end_fsync=1)
 
 
+def job_randwrite_fsync(ctx: JobContext) -> list[Sample]:
+    """A database's pattern: every 4 KiB write followed by fsync (fio fsync=1)."""
+    return _rand_job(ctx, "randwrite-fsync", True, rw="randwrite", ioengine="psync",
+                     fsync=1)
+
+
 def job_randread(ctx: JobContext) -> list[Sample]:
     return _rand_job(ctx, "randread", False, rw="randread", ioengine="psync", direct=1)
 
@@ -477,6 +483,7 @@ JOBS: dict[str, JobSpec] = {
     "snapread": JobSpec(job_snapread, ("snapread", "snapread-warm", "snaprandread",
                                        "snaprandread-warm"), snapshots_only=True),
     "randwrite": JobSpec(job_randwrite, ("randwrite",)),
+    "randwrite-fsync": JobSpec(job_randwrite_fsync, ("randwrite-fsync",)),
     "randread": JobSpec(job_randread, ("randread",)),
     "randwrite-aio": JobSpec(job_randwrite_aio, ("randwrite-aio",)),
     "randread-aio": JobSpec(job_randread_aio, ("randread-aio",)),
