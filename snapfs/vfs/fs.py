@@ -498,6 +498,7 @@ class Filesystem:
         view.flush_inodes()
         if view.kind == "snapshot":
             view.prepare_reset()
+        view.seal_orphans(draft.id)
         snap = self.graph.commit(draft.id, label)
         await self.commit_catalog(durable=True)
         if view.kind == "snapshot":

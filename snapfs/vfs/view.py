@@ -570,6 +570,23 @@ class View:
             self._make_orphan(node)
         self._maybe_delete(node)
 
+    def seal_orphans(self, draft: int) -> None:
+        """Before draft is sealed into a snapshot: files unlinked but still open leave
+        it as deleted (a tombstone row, their block and xattr rows dropped) and live on
+        in memory only. Their chunks are pinned, not counted by the draft: sealed with
+        their rows, the snapshot kept rows pointing at chunks that nothing counted, and
+        the collector freed them (fsck: "points at missing chunk")."""
+        for node in self.inodes.values():
+            if not node.orphan or node.deleted or node.detached:
+                continue
+            for table in ("blocks", "xattrs"):
+                self.cat.write(f"DELETE FROM {table} WHERE ino=? AND vertex=?",
+                               (node.ino, draft))
+            self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,0,0,0,0,0,0,0,0,0,NULL)",
+                           (node.ino, draft))
+            node.detached, node.dirty = True, False
+            self.dirty_inodes.discard(node.ino)
+
     def _make_orphan(self, node: Inode) -> None:
         """Unlinked while open: the tree no longer references it; pin its chunks instead."""
         if stat.S_ISREG(node.mode):
@@ -622,7 +639,8 @@ class View:
             return
         if node.orphan:
             self._unpin_all(node)
-            if self._resolve_inode(node.ino) is None:  # only the committed draft had it
+            row = self._resolve_inode(node.ino)
+            if node.detached or row is None or row[0] == 0:  # a sealed draft had it
                 self._forget_node(node)
                 return
         elif stat.S_ISREG(node.mode):

@@ -272,6 +272,74 @@ async def test_orphans_of_a_dead_daemon_are_released_on_open(fs, view, repo_path
 
 
 @trio_test
+async def test_commit_while_a_file_is_unlinked_but_open_seals_it_as_deleted(fs, view,
+                                                                           repo_path):
+    """Found by a torture run (4 writers, commit and gc meanwhile): the snapshot kept the
+    open-but-unlinked file's block rows while its chunks were only pinned, so gc freed
+    them and fsck reported blocks pointing at missing chunks. The file must live on
+    for its holder, in memory, and be gone from the snapshot."""
+    old = await write_file(view, b"old", pattern(2 * CS, seed=1))  # also in s0
+    await fs.commit(view, "s0")
+    new = await write_file(view, b"new", pattern(3 * CS, seed=2))  # only in the draft
+    await fs.sync()
+    for node, name in ((old, b"old"), (new, b"new")):
+        node.opens += 1
+        view.unlink(ROOT_INO, name)
+    await fs.commit(view, "s1")
+    assert names(fs.snapshot_view("v@s1")) == []
+    await view.write(old, 10, b"after the commit")  # still a working file
+    want_old = bytearray(pattern(2 * CS, seed=1))
+    want_old[10:26] = b"after the commit"
+    assert await read_all(view, old) == bytes(want_old)
+    assert await read_all(view, new) == pattern(3 * CS, seed=2)
+    await fs.commit(view, "s2")
+    for node in (old, new):
+        node.opens -= 1
+        view.drop_buffers(node)
+        view._maybe_delete(node)
+    await fs.sync()
+    await fs.gc(min_dead_ratio=0.0)
+    assert await read_path(fs.snapshot_view("v@s0"), b"old") == pattern(2 * CS, seed=1)
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_crash_after_committing_an_open_unlinked_file_leaves_nothing_behind(
+        fs, view, repo_path):
+    f = await write_file(view, b"tmp", pattern(2 * CS, seed=3))
+    await write_file(view, b"kept", b"kept")
+    await fs.sync()  # its block rows are in the draft
+    f.opens += 1
+    view.unlink(ROOT_INO, b"tmp")
+    await fs.commit(view, "s")
+    fs.repo.close()  # the daemon dies with the file still open
+    fs2 = Filesystem(Repository(repo_path))
+    await fs2.gc(min_dead_ratio=0.0)
+    assert fs2.cat.execute("SELECT COUNT(*) FROM chunks").fetchone() == (1,)
+    assert names(fs2.snapshot_view("v@s")) == [b"kept"]
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_commit_of_a_snapshot_draft_with_an_open_unlinked_file(fs, view, repo_path):
+    await write_file(view, b"a", b"a")
+    await fs.commit(view, "s0")
+    snap = fs.snapshot_view("v@s0")
+    f = await write_file(snap, b"tmp", pattern(2 * CS, seed=4))
+    await fs.sync()
+    f.opens += 1
+    snap.unlink(ROOT_INO, b"tmp")
+    await fs.commit(snap, "branch")
+    assert await read_all(snap, f) == pattern(2 * CS, seed=4)
+    f.opens -= 1
+    snap.drop_buffers(f)
+    snap._maybe_delete(f)
+    await fs.gc(min_dead_ratio=0.0)
+    assert names(fs.snapshot_view("v@branch")) == [b"a"]
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
 async def test_mixed_workload_passes_fsck(fs, view, repo_path):
     await populate(view)
     await fs.commit(view, "s1")
