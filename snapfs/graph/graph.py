@@ -342,24 +342,15 @@ class Graph:
         """Apply reference-count changes in a draft and keep added/removed/delta exact."""
         draft = self.vertices[draft_id]
         state = self._draft_refs(draft_id)
+        changes = {c: n for c, n in changes.items() if n and c}
+        for chunk, change in changes.items():  # check all first: a refusal changes nothing
+            if self._counts(draft, state, chunk)[0] + change < 0:
+                raise AssertionError(f"negative reference count for chunk {chunk} in "
+                                     f"vertex {draft_id}")
         for chunk, change in changes.items():
-            if change == 0 or chunk == 0:
-                continue
-            own = state.own.get(chunk)
-            if own is None:
-                row = self.cat.execute(
-                    "SELECT refs, presence FROM vertex_chunks WHERE vertex=? AND chunk=?",
-                    (draft_id, chunk)).fetchone()
-                own = state.own[chunk] = list(row) if row else [0, 0]
-            base = state.base.get(chunk)
-            if base is None:
-                base = (0 if draft.parent is None else
-                        self.count_in(draft.parent, chunk, below=draft_id))
-                state.base[chunk] = base
+            count, own, base = self._counts(draft, state, chunk)
             own[0] += change
-            count = base + own[0]
-            if count < 0:
-                raise AssertionError(f"negative reference count for chunk {chunk}")
+            count += change
             presence = (1 if base == 0 and count > 0 else -1 if base > 0 and count == 0 else 0)
             self._set_presence(draft, chunk, own[1], presence)
             own[1] = presence
@@ -369,6 +360,22 @@ class Graph:
             else:
                 self.cat.write("INSERT OR REPLACE INTO vertex_chunks VALUES (?,?,?,?)",
                                (draft_id, chunk, own[0], presence))
+
+    def _counts(self, draft: Vertex, state: DraftRefs, chunk: int) -> tuple[int, list, int]:
+        """(references to chunk in the draft's chain, the draft's own [refs, presence]
+        (cached, mutable), the references in its parent's chain (cached))."""
+        own = state.own.get(chunk)
+        if own is None:
+            row = self.cat.execute(
+                "SELECT refs, presence FROM vertex_chunks WHERE vertex=? AND chunk=?",
+                (draft.id, chunk)).fetchone()
+            own = state.own[chunk] = list(row) if row else [0, 0]
+        base = state.base.get(chunk)
+        if base is None:
+            base = (0 if draft.parent is None else
+                    self.count_in(draft.parent, chunk, below=draft.id))
+            state.base[chunk] = base
+        return base + own[0], own, base
 
     def _set_presence(self, v: Vertex, chunk: int, old: int, new: int) -> None:
         if old == new:

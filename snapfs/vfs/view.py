@@ -877,16 +877,19 @@ class View:
             self._unpin(node, old)
             return
         draft = self.draft_id()
-        node.blocks[idx] = chunk
-        self._count_allocated(node, idx, old, chunk)
-        self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
-                       (node.ino, idx, draft, chunk))
         changes: dict[int, int] = {}
         if old:
             changes[old] = -1
         if chunk:
             changes[chunk] = changes.get(chunk, 0) + 1
-        self.graph.adjust_refs(draft, changes)
+        try:  # first: a refused change leaves everything as it was
+            self.graph.adjust_refs(draft, changes)
+        except AssertionError as e:
+            raise AssertionError(f"{e} (block {idx} of inode {node.ino})") from None
+        node.blocks[idx] = chunk
+        self._count_allocated(node, idx, old, chunk)
+        self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
+                       (node.ino, idx, draft, chunk))
 
     def _count_allocated(self, node: Inode, idx: int, old: int, chunk: int) -> None:
         """Keep the st_blocks count of a block that changed from old to chunk, instead of

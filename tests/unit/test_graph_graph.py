@@ -219,6 +219,20 @@ def test_adjust_refs_hand_computed(g, cat):
         g.adjust_refs(d2.id, {77: -1})  # a reference that does not exist
 
 
+def test_a_refused_adjust_refs_changes_nothing(g, cat):
+    """A change that would make a count negative is refused before any of the batch
+    is applied, in memory or in the catalog: the bug it reveals is reported (EIO for
+    that request), not compounded by counts that drift from their rows."""
+    d0 = g.create_volume("v")
+    g.adjust_refs(d0.id, {1: 1, 2: 1})
+    before = (vc_rows(cat, d0.id), d0.delta, d0.referenced, BitMap(d0.added))
+    with pytest.raises(AssertionError, match="chunk 3"):
+        g.adjust_refs(d0.id, {1: -1, 2: 1, 3: -1})
+    assert (vc_rows(cat, d0.id), d0.delta, d0.referenced, BitMap(d0.added)) == before
+    g.adjust_refs(d0.id, {1: -1})  # the cache was not touched either: 1 -> 0
+    assert vc_rows(cat, d0.id) == {2: (1, 1)} and (d0.delta, d0.referenced) == (1, 1)
+
+
 def test_adjust_refs_in_a_clone_uses_the_origin_counts(g):
     d = g.create_volume("v")
     g.adjust_refs(d.id, {1: 1, 2: 1})
