@@ -95,8 +95,25 @@ class Collector:
     async def _compact_pack(self, pack: int) -> None:
         if pack == self.packs.current_pack:  # stop writing into it first
             await trio.to_thread.run_sync(self.packs.rotate)
-        rows = self.cat.execute("SELECT id, offset, length FROM chunks WHERE pack=? "
-                                "ORDER BY offset", (pack,)).fetchall()
+        moved = 0
+        for rounds in range(4):
+            # A store whose append reached this pack before the rotation records the
+            # location only when its worker thread returns, which may be after the
+            # first query: the next round moves what such stores added.
+            rows = self.cat.execute("SELECT id, offset, length FROM chunks WHERE pack=? "
+                                    "ORDER BY offset", (pack,)).fetchall()
+            if not rows:
+                break
+            if rounds == 3:
+                log.warning("pack %d still has live chunks after compaction; kept", pack)
+                return
+            await self._move_rows(pack, rows)
+            moved += len(rows)
+        await trio.to_thread.run_sync(self.packs.remove_pack, pack)
+        self.removed_packs += 1
+        log.info("compacted pack %d (%d live chunks moved)", pack, moved)
+
+    async def _move_rows(self, pack: int, rows: list[tuple[int, int, int]]) -> None:
         batch: list[tuple[int, ChunkLocation]] = []
         size = 0
         for cid, offset, length in rows:
@@ -111,12 +128,6 @@ class Collector:
         await trio.to_thread.run_sync(self.packs.sync)
         self.cat.commit()
         await trio.to_thread.run_sync(self.cat.sync_wal)
-        if self.cat.execute("SELECT 1 FROM chunks WHERE pack=? LIMIT 1", (pack,)).fetchone():
-            log.warning("pack %d still has live chunks after compaction; kept", pack)
-            return
-        await trio.to_thread.run_sync(self.packs.remove_pack, pack)
-        self.removed_packs += 1
-        log.info("compacted pack %d (%d live chunks moved)", pack, len(rows))
 
     async def _move(self, batch: list[tuple[int, ChunkLocation]]) -> None:
         started = time.monotonic()
