@@ -870,11 +870,17 @@ class View:
         old = self.block(node, idx)
         if old == chunk:
             return
-        if node.orphan:  # in no tree: no rows, no references, only pins
+        if node.orphan:  # in no tree: no references, only pins
             node.blocks[idx] = chunk
             node.allocated = None
             self._pin(node, chunk)
             self._unpin(node, old)
+            if not node.detached:
+                # its rows stay in the draft until the last close (or, after a crash,
+                # the next mount) releases them: they must never name an unpinned chunk
+                # that gc may free (fsck of a crashed repository found such rows)
+                self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
+                               (node.ino, idx, self.draft_id(), chunk))
             return
         draft = self.draft_id()
         changes: dict[int, int] = {}

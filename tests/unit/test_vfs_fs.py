@@ -321,6 +321,30 @@ async def test_a_crash_after_committing_an_open_unlinked_file_leaves_nothing_beh
 
 
 @trio_test
+async def test_an_open_unlinked_file_rewritten_then_a_crash_leaves_no_dangling_rows(
+        fs, view, repo_path):
+    """Found by SIGKILL during tools/torture: an open, unlinked file rewritten after its
+    unlink unpinned its old chunks while its block rows (kept in the draft until the last
+    close) still named them; gc freed them, and fsck of the crashed repository reported
+    blocks pointing at missing chunks."""
+    f = await write_file(view, b"tmp", pattern(3 * CS, seed=5))
+    await fs.sync()  # block rows in the draft
+    f.opens += 1
+    view.unlink(ROOT_INO, b"tmp")
+    await view.write(f, 0, pattern(CS, seed=6))  # a new chunk 0 ...
+    await view.truncate(f, 2 * CS)  # ... and chunk 2 gone
+    await fs.sync()
+    await fs.gc(min_dead_ratio=0.0)  # frees the unpinned old chunks 0 and 2
+    assert await read_all(view, f) == pattern(CS, seed=6) + pattern(3 * CS, seed=5)[CS:2 * CS]
+    await fs.sync()
+    fs.repo.close()  # SIGKILL: no release
+    from snapfs.fsck import fsck
+    assert fsck(repo_path) == []  # the repository as the crash left it
+    fs2 = Filesystem(Repository(repo_path))  # the next mount releases the orphan
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
 async def test_commit_of_a_snapshot_draft_with_an_open_unlinked_file(fs, view, repo_path):
     await write_file(view, b"a", b"a")
     await fs.commit(view, "s0")
