@@ -873,6 +873,17 @@ async def test_fsck_is_clean_after_deleting_the_snapshot_that_held_a_deleted_fil
     assert await close_and_fsck(fs, repo_path) == []
 
 
+async def _garbage_in_a_pack(fs, view, dead: int, live: int, seed: int) -> None:
+    """Files f (dead chunks) and g (live chunks, pattern seed + 1) in one pack; f is
+    deleted with the only snapshot that held it, so the pack is mostly garbage."""
+    await write_file(view, b"f", pattern(dead * CS, seed=seed))
+    await write_file(view, b"g", pattern(live * CS, seed=seed + 1))
+    await fs.commit(view, "s1")
+    view.unlink(ROOT_INO, b"f")
+    await fs.commit(view, "s2")
+    await fs.delete_snapshot("v@s1")
+
+
 @trio_test
 async def test_compaction_also_moves_chunks_recorded_in_the_pack_meanwhile(fs, view,
                                                                             repo_path,
@@ -881,12 +892,7 @@ async def test_compaction_also_moves_chunks_recorded_in_the_pack_meanwhile(fs, v
     after compaction's first query (seen with tools/torture: "pack N still has live
     chunks after compaction; kept"). Compaction moves those in a second round and removes
     the pack, with no warning."""
-    await write_file(view, b"f", pattern(4 * CS, seed=21))
-    await write_file(view, b"g", pattern(2 * CS, seed=22))
-    await fs.commit(view, "s1")
-    view.unlink(ROOT_INO, b"f")
-    await fs.commit(view, "s2")
-    await fs.delete_snapshot("v@s1")
+    await _garbage_in_a_pack(fs, view, 4, 2, seed=21)
     g = view.lookup(ROOT_INO, b"g")
     late = view.block(g, 1)
     pack = fs.cat.execute("SELECT pack FROM chunks WHERE id=?", (late,)).fetchone()[0]
@@ -914,12 +920,7 @@ async def test_two_collections_at_once_run_one_after_the_other(fs, view, repo_pa
     first had removed (FileNotFoundError in the daemon's log, seen in CI)."""
     import trio
 
-    await write_file(view, b"f", pattern(8 * CS, seed=12))
-    await write_file(view, b"g", pattern(3 * CS, seed=13))
-    await fs.commit(view, "s1")
-    view.unlink(ROOT_INO, b"f")
-    await fs.commit(view, "s2")
-    await fs.delete_snapshot("v@s1")
+    await _garbage_in_a_pack(fs, view, 8, 3, seed=12)
     results = []
 
     async def collect():
