@@ -579,11 +579,7 @@ class View:
         for node in self.inodes.values():
             if not node.orphan or node.deleted or node.detached:
                 continue
-            for table in ("blocks", "xattrs"):
-                self.cat.write(f"DELETE FROM {table} WHERE ino=? AND vertex=?",
-                               (node.ino, draft))
-            self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,0,0,0,0,0,0,0,0,0,NULL)",
-                           (node.ino, draft))
+            self._tombstone(node.ino, draft)
             node.detached, node.dirty = True, False
             self.dirty_inodes.discard(node.ino)
 
@@ -645,12 +641,16 @@ class View:
                 return
         elif stat.S_ISREG(node.mode):
             self._truncate_blocks(node, 0)
-        draft = self.draft_id()
-        for table in ("blocks", "xattrs"):
-            self.cat.write(f"DELETE FROM {table} WHERE ino=? AND vertex=?", (node.ino, draft))
-        self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,0,0,0,0,0,0,0,0,0,NULL)",
-                       (node.ino, draft))
+        self._tombstone(node.ino, self.draft_id())
         self._forget_node(node)
+
+    def _tombstone(self, ino: int, vertex: int) -> None:
+        """ino is deleted in vertex: its block and xattr rows there go, and a mode-0 row
+        hides the rows of older vertices."""
+        for table in ("blocks", "xattrs"):
+            self.cat.write(f"DELETE FROM {table} WHERE ino=? AND vertex=?", (ino, vertex))
+        self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,0,0,0,0,0,0,0,0,0,NULL)",
+                       (ino, vertex))
 
     def _forget_node(self, node: Inode) -> None:
         """The inode is deleted. It stays in memory (fstat of an open directory still
