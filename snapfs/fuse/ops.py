@@ -433,11 +433,8 @@ class SnapfsOperations(pyfuse3.Operations):
         if inode < FIRST_DYNAMIC:
             raise FsError(errno.EISDIR)
         view, node = self._resolve(inode)
-        if not stat.S_ISREG(node.mode):
-            raise FsError(errno.EINVAL)
-        if flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR) and node.size:
-            await view.setattr(node.ino, size=0)
-        node.opens += 1
+        node = await view.open_file(node.ino, truncate=bool(
+            flags & os.O_TRUNC and flags & (os.O_WRONLY | os.O_RDWR)))
         return pyfuse3.FileInfo(fh=self._new_fh(Handle(view, node)), keep_cache=True)
 
     @handler

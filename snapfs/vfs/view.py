@@ -194,6 +194,14 @@ class Inode:
     def is_dir(self) -> bool:
         return stat.S_ISDIR(self.mode)
 
+    @property
+    def rowless(self) -> bool:
+        """Deleted or detached: it has no rows to write. A request that reaches it (an
+        open handle, or the kernel's inode in a request that raced with its deletion)
+        changes memory only; a row written then would bring the inode back over its
+        tombstone."""
+        return self.deleted or self.detached
+
     def row(self) -> tuple:
         return (self.mode, self.nlink, self.uid, self.gid, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.rdev, self.target)
@@ -353,7 +361,7 @@ class View:
         return node
 
     def _save(self, node: Inode) -> None:
-        if node.detached:
+        if node.rowless:
             node.dirty = False
             return
         row = node.row()
@@ -369,7 +377,7 @@ class View:
             node.mtime_ns = now
 
     def _mark_dirty(self, node: Inode) -> None:
-        if node.detached:
+        if node.rowless:
             return
         self.draft_id()  # a snapshot directory gets its draft at the first change
         node.dirty = True
@@ -518,6 +526,23 @@ class View:
             raise FsError(errno.EINVAL)
         return node.target or b""
 
+    async def open_file(self, ino: int, *, truncate: bool = False) -> Inode:
+        """Open a regular file (O_TRUNC: truncate is True); the caller hands out the
+        handle. A file deleted between the kernel's lookup and this request (another
+        process unlinked it) is refused with ENOENT, as if the unlink came first: open,
+        it would take writes that nothing stores."""
+        node = self.get(ino)
+        if not stat.S_ISREG(node.mode):
+            raise FsError(errno.EINVAL)
+        for _ in range(2):  # again after the truncate: it may have awaited
+            if node.deleted:
+                raise FsError(errno.ENOENT)
+            if truncate and node.size:
+                await self.setattr(ino, size=0)
+            truncate = False
+        node.opens += 1
+        return node
+
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         _check_name(name)
         node = self.get(ino)
@@ -607,6 +632,8 @@ class View:
         them. O(blocks it has), not O(size): what st_blocks, fsck, export and an import's
         accounting walk (window by window over the size, an exabyte-sized sparse file
         never ended). No query when every window is loaded (the usual small file)."""
+        if node.deleted:
+            return []
         n = self._nblocks(node.size)
         found = {i: c for i, c in node.blocks.items() if c and i < n}
         windows = (n + WINDOW - 1) // WINDOW
@@ -813,9 +840,10 @@ class View:
             # so getfattr -d, cp -a and rsync -X fail on the file): refuse the name instead
             raise FsError(errno.ENOSPC)
         attrs[name] = bytes(value)
-        self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
-                       (ino, self.meta.xname_enc(ino, name), self.draft_id(),
-                        self.meta.xvalue_enc(ino, name, bytes(value))))
+        if not node.rowless:
+            self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
+                           (ino, self.meta.xname_enc(ino, name), self.draft_id(),
+                            self.meta.xvalue_enc(ino, name, bytes(value))))
         self._touch(node, mtime=False)
         self._save(node)
 
@@ -825,8 +853,9 @@ class View:
         if name not in attrs:
             raise FsError(errno.ENODATA)
         del attrs[name]
-        self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,NULL)",
-                       (ino, self.meta.xname_enc(ino, name), self.draft_id()))
+        if not node.rowless:
+            self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,NULL)",
+                           (ino, self.meta.xname_enc(ino, name), self.draft_id()))
         self._touch(node, mtime=False)
         self._save(node)
 
@@ -842,6 +871,9 @@ class View:
         return node.blocks.get(idx, 0)
 
     def _load_window(self, node: Inode, window: int) -> None:
+        if node.deleted:  # its data is gone: the rows left are older vertices' (see truncate)
+            node.windows.add(window)
+            return
         for idx, chunk in self._resolved_blocks(node, window * WINDOW, (window + 1) * WINDOW):
             node.blocks.setdefault(idx, chunk)
         node.windows.add(window)
@@ -939,6 +971,13 @@ class View:
             raise FsError(errno.EINVAL)
         if size > self.fs.max_file_size:
             raise FsError(errno.EFBIG)
+        if node.deleted:
+            # a truncate(2) that resolved the path before an unlink deleted the file: its
+            # references are gone, and its forgotten blocks would load again from the
+            # snapshot's rows (that took them away twice: "negative reference count")
+            node.size = size
+            self._touch(node)
+            return
         if size < node.size:
             self._truncate_blocks(node, size)
             tail = size % self.chunk_size
@@ -946,6 +985,8 @@ class View:
                 buf = await self.buffer(node, size // self.chunk_size)
                 buf.length = min(buf.length, tail)
                 buf.gen += 1
+                if node.deleted:  # meanwhile (the await above): nothing may keep data
+                    self.drop_buffers(node)
         node.size = size
         self._touch(node)
         self._mark_dirty(node)
@@ -1377,7 +1418,10 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
         it = iter(ids)
         for view, node, idx, buf, gen, payload, _data in work:
             chunk = next(it) if payload is not None else 0
-            if node.buffers.get(idx) is not buf or node.deleted or view.dropped:
+            if node.buffers.get(idx) is not buf or view.dropped:
+                continue
+            if node.deleted:  # made dirty by a request that raced with the deletion
+                view.fs.pool.give(node.buffers.pop(idx))
                 continue
             view.set_block(node, idx, chunk)
             if buf.gen == gen:

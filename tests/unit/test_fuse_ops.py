@@ -3,6 +3,11 @@ through real mounts)."""
 
 from __future__ import annotations
 
+import errno
+import os
+from types import SimpleNamespace
+
+import pyfuse3
 import pytest
 from unithelpers import mkfile, trio_test
 
@@ -60,3 +65,26 @@ async def test_deleted_and_dirty_inodes_are_not_lost_by_forget(ops, view):
     finally:
         ops_module.RETAIN_FORGOTTEN = saved
     assert view.inodes[dirty.ino] is dirty, "unsaved state is never dropped"
+
+
+@trio_test
+async def test_requests_that_reach_a_file_just_deleted(ops, fs, view):
+    """The kernel resolved the name, another process unlinked the file, then the request
+    arrived for the inode the kernel still holds (tools/torture). OPEN is refused with
+    ENOENT, as if the unlink came first; a truncating SETATTR succeeds in memory and
+    touches nothing stored (it used to fail with EIO: negative reference count)."""
+    f = mkfile(view, b"f")
+    await view.write(f, 0, b"x" * 10_000)
+    await fs.commit(view, "s0")
+    fino = await _lookup_file(ops, b"f")
+    view.unlink(ROOT_INO, b"f")
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.open(fino, os.O_RDWR | os.O_TRUNC, None)
+    assert e.value.errno == errno.ENOENT
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 100
+    fields = SimpleNamespace(update_mode=False, update_uid=False, update_gid=False,
+                             update_size=True, update_atime=False, update_mtime=False)
+    assert (await ops.setattr(fino, attr, fields, None, None)).st_size == 100
+    assert fs.cat.execute("SELECT mode FROM inodes WHERE ino=? AND vertex=?",
+                          (f.ino, view.draft_id())).fetchone() == (0,)

@@ -3,6 +3,7 @@ persistence and durability ordering (snapfs/vfs/fs.py over snapfs/vfs/view.py)."
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -21,7 +22,7 @@ from unithelpers import (
     write_file,
 )
 
-from snapfs.errors import AlreadyExists, UsageError
+from snapfs.errors import AlreadyExists, FsError, UsageError
 from snapfs.repository import Repository
 from snapfs.types import ROOT_INO
 from snapfs.vfs.fs import Filesystem
@@ -1013,3 +1014,44 @@ async def test_an_idle_pool_gives_its_memory_back(fs, view, monkeypatch):
     assert len(fs.pool._free) == 2
     await view.write(f, 0, b"again")  # the pool still serves writers
     assert await view.read(f, 0, 5) == b"again"
+
+
+@trio_test
+async def test_a_truncate_that_reaches_a_file_just_deleted_changes_nothing_stored(
+        fs, view, repo_path):
+    """Found by tools/torture ("negative reference count", EIO): truncate(path) resolves
+    the path, another process unlinks the file (closed: it is deleted at once), then the
+    kernel's SETATTR arrives for the inode it still holds. The deleted node had forgotten
+    its blocks, so the truncate loaded them again from the snapshot's rows and took away
+    references the deletion had already taken. Nor may attribute changes write the inode
+    row back over its tombstone."""
+    f = await write_file(view, b"f", pattern(3 * CS, seed=7))
+    await write_file(view, b"kept", b"kept")
+    await fs.commit(view, "s0")  # the blocks' rows are in the snapshot
+    node = view.get(f.ino)  # what the kernel still holds
+    view.unlink(ROOT_INO, b"f")
+    await view.setattr(node.ino, size=CS + 10, mode=0o600)  # no AssertionError
+    await view.setattr(node.ino, size=0)
+    await fs.sync()
+    row = fs.cat.execute("SELECT mode FROM inodes WHERE ino=? AND vertex=?",
+                         (node.ino, view.draft_id())).fetchone()
+    assert row == (0,)  # still a tombstone
+    await fs.commit(view, "s1")
+    assert names(fs.snapshot_view("v@s1")) == [b"kept"]
+    assert await read_path(fs.snapshot_view("v@s0"), b"f") == pattern(3 * CS, seed=7)
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_an_open_that_reaches_a_file_just_deleted_is_refused(fs, view):
+    """The same race for open(2): the inode was deleted between the kernel's lookup and
+    its OPEN. Opened, it would take writes that are never stored (and O_TRUNC would
+    truncate it as above); the open is answered as if the unlink came first."""
+    f = await write_file(view, b"f", b"data")
+    await fs.commit(view, "s0")
+    node = view.get(f.ino)
+    view.unlink(ROOT_INO, b"f")
+    with pytest.raises(FsError) as e:
+        await view.open_file(node.ino)
+    assert e.value.errno == errno.ENOENT
+    assert node.opens == 0
