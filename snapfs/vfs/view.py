@@ -967,26 +967,36 @@ class View:
             self.set_block(node, idx, 0)
 
     async def truncate(self, node: Inode, size: int) -> None:
+        """Set the size; blocks wholly past it are dropped, the partial last one is cut.
+
+        The partial last chunk is loaded first: that is the only await. Everything else
+        happens after it without one, so a commit, a write or a store meanwhile sees the
+        file either before the truncate or after it, never its size unchanged with its
+        blocks already gone (a snapshot sealed in that window showed such a file)."""
         if size < 0:
             raise FsError(errno.EINVAL)
         if size > self.fs.max_file_size:
             raise FsError(errno.EFBIG)
+        idx, tail = divmod(size, self.chunk_size)
+        while size < node.size and tail and not node.deleted:
+            buf = await self.buffer(node, idx)
+            if node.buffers.get(idx) is buf:  # not stored or dropped during the await
+                break
         if node.deleted:
-            # a truncate(2) that resolved the path before an unlink deleted the file: its
-            # references are gone, and its forgotten blocks would load again from the
-            # snapshot's rows (that took them away twice: "negative reference count")
+            # a truncate(2) that resolved the path before an unlink deleted the file (or
+            # one during the await above): its references are gone, and its forgotten
+            # blocks would load again from the snapshot's rows (that took them away
+            # twice: "negative reference count"). Nothing may keep data for it.
+            self.drop_buffers(node)
             node.size = size
             self._touch(node)
             return
         if size < node.size:
             self._truncate_blocks(node, size)
-            tail = size % self.chunk_size
             if tail:
-                buf = await self.buffer(node, size // self.chunk_size)
+                buf = node.buffers[idx]
                 buf.length = min(buf.length, tail)
                 buf.gen += 1
-                if node.deleted:  # meanwhile (the await above): nothing may keep data
-                    self.drop_buffers(node)
         node.size = size
         self._touch(node)
         self._mark_dirty(node)

@@ -9,6 +9,7 @@ import stat
 import time
 
 import pytest
+import trio
 from unithelpers import CHUNK as CS
 from unithelpers import (
     assert_gone,
@@ -1055,3 +1056,30 @@ async def test_an_open_that_reaches_a_file_just_deleted_is_refused(fs, view):
         await view.open_file(node.ino)
     assert e.value.errno == errno.ENOENT
     assert node.opens == 0
+
+
+@trio_test
+async def test_a_commit_never_sees_half_a_truncate(fs, view, repo_path, monkeypatch):
+    """A truncate that loads its partial last chunk from the disk (a worker thread: an
+    await) used to drop the blocks past the new size first: a commit meanwhile sealed
+    the file with its old size and zeros where those blocks were, a state the file
+    never had. The snapshot must show it before or after the truncate."""
+    data = pattern(4 * CS, seed=9)
+    f = await write_file(view, b"f", data)
+    await fs.sync()  # stored: the truncate must load chunk 1
+    real = fs.chunks.read_into
+
+    async def slow_read_into(cid, out):
+        await trio.sleep(0.05)  # as a read that waits for the disk
+        return await real(cid, out)
+
+    monkeypatch.setattr(fs.chunks, "read_into", slow_read_into)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(view.truncate, f, CS + 100)
+        await trio.sleep(0.01)  # the truncate is loading chunk 1
+        await fs.commit(view, "mid")
+    assert await read_path(fs.snapshot_view("v@mid"), b"f") in (data, data[:CS + 100])
+    assert await read_all(view, f) == data[:CS + 100]
+    await fs.commit(view, "after")
+    assert await read_path(fs.snapshot_view("v@after"), b"f") == data[:CS + 100]
+    assert await close_and_fsck(fs, repo_path) == []
