@@ -218,6 +218,27 @@ class ChunkManager:
             nursery.start_soon(run, 1, payloads[half:])
         return results[0] + results[1]
 
+    async def commit_catalog(self, commit: Callable[[], None] | None = None) -> None:
+        """End the catalog's open transaction (commit, by default Catalog.commit), never
+        before the pack records it references are durable.
+
+        A location is recorded only after its append returned, having set the pack's
+        unsynced flag: with the flag clear, every record the catalog points at is durable.
+        Another request may append while the sync runs in a worker thread, so the flag is
+        checked again (the last sync inline, which is rare and short), and commit is
+        called with no await after the last check. The collector committed its moves
+        after one sync and an await: a store in between had its location committed
+        before its record was durable.
+        """
+        for _ in range(3):
+            if not self.packs.unsynced:
+                break
+            await trio.to_thread.run_sync(self.packs.sync)
+        else:
+            if self.packs.unsynced:
+                self.packs.sync()
+        (commit or self.cat.commit)()
+
     async def put_many(self, payloads: list[bytes], sync: bool = False) -> list[int]:
         """Store a batch of payloads; one thread hop for hashing (none for a small
         batch), one for the pack write, which with sync also makes the pack durable."""

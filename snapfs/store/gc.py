@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 from pyroaring import BitMap
@@ -35,8 +36,12 @@ log = logging.getLogger(__name__)
 
 class Collector:
     def __init__(self, cat: Catalog, packs: PackStore, chunks: ChunkManager, *,
-                 rate: float = 64 * 1024 * 1024, batch_bytes: int = 4 * 1024 * 1024) -> None:
+                 rate: float = 64 * 1024 * 1024, batch_bytes: int = 4 * 1024 * 1024,
+                 commit: Callable[[], None] | None = None) -> None:
+        """commit: how the catalog's open transaction is committed (the daemon's also
+        writes the inode rows kept in memory first); Catalog.commit by default."""
         self.cat = cat
+        self.commit = commit or cat.commit
         self.packs = packs
         self.chunks = chunks
         self.rate = rate
@@ -125,8 +130,7 @@ class Collector:
         if batch:
             await self._move(batch)
         # durability: the copies, then the index that points at them, then the removal
-        await trio.to_thread.run_sync(self.packs.sync)
-        self.cat.commit()
+        await self.chunks.commit_catalog(self.commit)
         await trio.to_thread.run_sync(self.cat.sync_wal)
 
     async def _move(self, batch: list[tuple[int, ChunkLocation]]) -> None:

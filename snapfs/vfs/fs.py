@@ -112,7 +112,7 @@ class Filesystem:
         self.on_view_changed: Callable[[View], None] = lambda view: None
         # Extra sections for the stats document, e.g. the daemon's event-loop figures.
         self.extra_stats: dict[str, Callable[[], dict]] = {}
-        self.collector = Collector(self.cat, repo.packs, self.chunks)
+        self.collector = Collector(self.cat, repo.packs, self.chunks, commit=self._commit_now)
         self.gc_requested = False  # set after deletions: the next background pass collects
         self._pins: Counter[int] = Counter()  # snapshots being exported: not deletable
         self.checkpoint_bytes = CHECKPOINT_BYTES
@@ -356,29 +356,19 @@ class Filesystem:
                       "be stored: %s", self.dirty_bytes() / (1 << 20), len(self._dirty), full)
 
     async def commit_catalog(self, durable: bool) -> None:
-        """End the open catalog transaction, never before the pack data it references.
-
-        Pack records are made durable first (worker thread); if another request appended
-        records meanwhile, sync again (the last try inline, which is rare and short), so
-        that the catalog committed never points at a record a power loss could tear.
-        With durable=True the WAL is fsynced too.
-        """
-        packs = self.repo.packs
-        for _ in range(3):
-            # a location is recorded only after its append returned, having set the
-            # flag: with it clear, every record the catalog points at is durable
-            # (an fsync that stored its data with sync=True finds it clear: no hop)
-            if not packs.unsynced:
-                break
-            await trio.to_thread.run_sync(packs.sync)
-        else:
-            if packs.unsynced:
-                packs.sync()
-        self.cat.commit()  # no await between the check above and this commit
+        """End the open catalog transaction, never before the pack data it references
+        (ChunkManager.commit_catalog); with durable=True the WAL is fsynced too. The
+        inode rows kept in memory are written right before the commit, with no await
+        between: a store meanwhile raised what their sizes may say (View.row_size)."""
+        await self.chunks.commit_catalog(self._commit_now)
         if self.cat.wal_bytes() > self.checkpoint_bytes:
             self._checkpoint_wanted.set()
         if durable:
             await trio.to_thread.run_sync(self.cat.sync_wal)
+
+    def _commit_now(self) -> None:
+        self.flush_inodes()
+        self.cat.commit()
 
     async def group_commit(self) -> None:
         """Periodic: write back (see the policy above) and end the open catalog

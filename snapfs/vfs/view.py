@@ -189,6 +189,14 @@ class Inode:
     detached: bool = False  # open, but only in a snapshot-directory draft since committed
     damaged: int = 0  # directory entries whose names failed authentication
     read_end: int = 0  # where the last read that missed the chunk cache ended (scans)
+    # Where the data in the catalog ends: the size its row had, raised by every store
+    # (View.row_size: a row never claims data that is only in memory); row_short: the
+    # last row written said less than size, so the next store saves the row again.
+    stored_end: int = 0
+    row_short: bool = False
+
+    def __post_init__(self) -> None:
+        self.stored_end = self.size
 
     @property
     def is_dir(self) -> bool:
@@ -365,10 +373,31 @@ class View:
             node.dirty = False
             return
         row = node.row()
+        size = self.row_size(node)
         self.cat.write("INSERT OR REPLACE INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                       (node.ino, self.draft_id(), *row[:9],
+                       (node.ino, self.draft_id(), *row[:4], size, *row[5:9],
                         self.meta.target_enc(node.ino, row[9])))
-        node.dirty = False
+        node.dirty, node.row_short = False, size < node.size
+        node.stored_end = max(node.stored_end, size)  # all of it is in the catalog now
+
+    def row_size(self, node: Inode) -> int:
+        """The size the inode row may say: node.size, but not past data that is still
+        only in memory. A group commit saved the size of an open file whose last chunks
+        were dirty; killed then, the daemon left a log file that was zeros from end to
+        end (its size committed, none of its data). When a dirty chunk reaches past where
+        the catalog's data ends (Inode.stored_end: the last row's size, raised by every
+        store), the row says that end instead; each store marks the inode for saving
+        again, and once nothing is dirty past it the row says the whole size. A crash,
+        or a snapshot sealed meanwhile, shows the file as far as it was stored, not
+        zeros. Dirty chunks inside that part read as their stored content until they
+        are stored, as any unsynced overwrite would.
+        """
+        if not node.buffers:
+            return node.size
+        cs, end = self.chunk_size, node.stored_end
+        if any((i + 1) * cs > end for i in node.buffers):
+            return min(node.size, end)
+        return node.size
 
     def _touch(self, node: Inode, *, mtime: bool = True, now: int | None = None) -> None:
         now = now or now_ns()
@@ -997,6 +1026,7 @@ class View:
                 buf = node.buffers[idx]
                 buf.length = min(buf.length, tail)
                 buf.gen += 1
+            node.stored_end = min(node.stored_end, size)
         node.size = size
         self._touch(node)
         self._mark_dirty(node)
@@ -1413,7 +1443,8 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
         n = _payload_len(buf.data, min(valid, buf.length))
         buf.frozen += 1
         payload = memoryview(buf.data)[:n] if n else None
-        work.append((view, node, idx, buf, buf.gen, payload, buf.data))
+        work.append((view, node, idx, buf, buf.gen, payload, buf.data,
+                     idx * cs + min(valid, buf.length)))
     stored = [w[5] for w in work if w[5] is not None]
     ids: list[int] = []
     try:
@@ -1426,7 +1457,7 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
                 w[3].frozen -= 1
     try:
         it = iter(ids)
-        for view, node, idx, buf, gen, payload, _data in work:
+        for view, node, idx, buf, gen, payload, _data, end in work:
             chunk = next(it) if payload is not None else 0
             if node.buffers.get(idx) is not buf or view.dropped:
                 continue
@@ -1434,6 +1465,10 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
                 view.fs.pool.give(node.buffers.pop(idx))
                 continue
             view.set_block(node, idx, chunk)
+            if end > node.stored_end:
+                node.stored_end = min(end, node.size)
+            if node.row_short:  # its row may say more now (View.row_size)
+                view._mark_dirty(node)
             if buf.gen == gen:
                 view.fs.pool.give(node.buffers.pop(idx))
                 if not chunk:  # all zeros, stored as a hole: the block is no longer counted

@@ -287,3 +287,35 @@ def test_open_file_kept_dirty_in_memory_is_committed_fsynced_and_crash_safe(fres
         assert got[i:i + 4096] in (synced[i:i + 4096], content[i:i + 4096]), f"block at {i}"
     if m.is_snapfs:
         assert read_bytes(m.mnt / ".snapshots" / "vol@open" / "open.dat") != b""
+
+
+def test_a_crash_leaves_an_unsynced_log_a_prefix_never_zeros(fresh_mount):
+    """Found by hand (2026-11-27): a log file kept open and appended to, its pages written
+    back by the kernel, never fsynced. A group commit saved its size while its chunks
+    were only in memory; after SIGKILL the file had that size and was all zeros. What a
+    crash leaves of an unsynced append must be a prefix of what was written."""
+    m = fresh_mount
+    m.expect_log(r" WARNING ")
+    path = m.vol / "app.log"
+    written = bytearray()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        deadline = time.monotonic() + 3.5  # more than one group commit (2 s)
+        n = 0
+        while time.monotonic() < deadline:
+            line = b"%07d the quick brown fox jumps over the lazy dog\n" % n * 200
+            assert os.write(fd, line) == len(line)
+            written += line
+            n += 1
+            # the kernel writes the pages back now, as its flusher would later
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            time.sleep(0.02)
+        m.kill_daemon()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone
+    m.mount()
+    got = read_bytes(path)
+    assert written.startswith(got), f"{len(got)} bytes, {got.count(0)} of them zeros"

@@ -662,3 +662,28 @@ def test_read_many_into_loads_a_batch_with_one_thread_hop(tmp_path, encrypted):
             trio.run(again.read_many_into, [(i, memoryview(bytearray(8192))) for i in ids])
     finally:
         s.close()
+
+
+def test_the_catalog_is_committed_only_when_every_append_is_durable(st, monkeypatch):
+    """The collector committed its moves after one pack sync and an await: a store that
+    appended meanwhile had its location committed before its record was durable (a
+    power loss could tear a record the catalog points at). commit_catalog syncs until
+    nothing is pending, then commits without an await."""
+
+    async def main():
+        await st.cm.put_many([os.urandom(5000)])  # a record appended, not synced
+        real_sync = st.packs.sync
+        appends_during_sync = [2]
+
+        def sync_while_others_append():
+            real_sync()
+            if appends_during_sync[0]:
+                appends_during_sync[0] -= 1
+                st.packs.append_many([st.cm._record(0, bytes(32), os.urandom(100))])
+
+        monkeypatch.setattr(st.packs, "sync", sync_while_others_append)
+        seen = []
+        await st.cm.commit_catalog(lambda: seen.append(st.packs.unsynced))
+        assert seen == [False]
+
+    trio.run(main)

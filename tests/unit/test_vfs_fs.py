@@ -1083,3 +1083,62 @@ async def test_a_commit_never_sees_half_a_truncate(fs, view, repo_path, monkeypa
     await fs.commit(view, "after")
     assert await read_path(fs.snapshot_view("v@after"), b"f") == data[:CS + 100]
     assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_committed_size_never_claims_data_that_is_only_in_memory(fs, view,
+                                                                          repo_path):
+    """Found by hand (2026-11-27): a log file kept open was appended to, the kernel wrote
+    its pages back, nothing fsynced it. A group commit saved its size while its last
+    chunks were still dirty in memory; after SIGKILL the file had that size and was
+    zeros from end to end. The row now ends where the stored data ends; a crash loses
+    the unsynced tail, never turns it into zeros."""
+    data = pattern(3 * CS + 500, seed=11)
+    f = await write_file(view, b"log", data)
+    f.opens += 1  # open: the write-back policy keeps its recent chunks in memory
+    await view.flush_blocks(f, [0, 1])  # the first two are stored, 2 and 3 are not
+    fs.flush_inodes()  # as a group commit does
+    await fs.commit_catalog(durable=False)
+    row = fs.cat.execute("SELECT size FROM inodes WHERE ino=? AND vertex=?",
+                         (f.ino, view.draft_id())).fetchone()
+    assert row == (2 * CS,)
+    assert f.size == len(data) and await read_all(view, f) == data  # memory: all of it
+    await view.flush_blocks(f, [2])  # one more stored: the next commit says more
+    await fs.commit_catalog(durable=False)
+    fs.repo.close()  # SIGKILL: chunk 3 was never stored
+    fs2 = Filesystem(Repository(repo_path))
+    assert await read_path(fs2.volume_view("v"), b"log") == data[:3 * CS]
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_compaction_commits_its_moves_only_when_every_append_is_durable(
+        fs, view, repo_path, monkeypatch):
+    """The collector synced the packs once, then committed after an await: a store that
+    appended during that sync had its location committed before its record was
+    durable. Every catalog commit now sees no pending append."""
+    await _garbage_in_a_pack(fs, view, 4, 2, seed=31)
+    packs = fs.repo.packs
+    real_sync = packs.sync
+    late = [1]
+
+    def sync_while_a_store_appends():
+        real_sync()
+        if late[0]:  # another request's store lands during the sync's worker thread
+            late[0] -= 1
+            packs.append_many([fs.chunks._record(0, bytes(32), pattern(100, seed=32))])
+
+    real_commit = fs.cat.commit
+    pending_at_commit = []
+
+    def commit():
+        pending_at_commit.append(packs.unsynced)
+        real_commit()
+
+    monkeypatch.setattr(packs, "sync", sync_while_a_store_appends)
+    monkeypatch.setattr(fs.cat, "commit", commit)
+    res = await fs.gc(min_dead_ratio=0.0)
+    assert res["removed_packs"] >= 1 and late == [0]
+    assert pending_at_commit and not any(pending_at_commit)
+    monkeypatch.undo()
+    assert await close_and_fsck(fs, repo_path) == []
