@@ -1142,3 +1142,59 @@ async def test_compaction_commits_its_moves_only_when_every_append_is_durable(
     assert pending_at_commit and not any(pending_at_commit)
     monkeypatch.undo()
     assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_crash_after_an_unsynced_truncate_never_brings_old_bytes_back(
+        fs, view, repo_path):
+    """Found by hand (2026-11-27): a file cut from 10,000 bytes to 100 while open (its cut
+    last chunk stayed dirty in memory), a group commit, SIGKILL. The committed row said
+    100 bytes over the old chunk, and a truncate up after the remount brought 9,900 old
+    bytes back where zeros belong. The cut chunk is now stored by the truncate itself."""
+    data = pattern(3 * CS + 1000, seed=13)
+    f = await write_file(view, b"f", data)
+    await fs.sync()
+    f.opens += 1
+    await view.truncate(f, CS + 100)
+    fs.flush_inodes()  # a group commit
+    await fs.commit_catalog(durable=False)
+    fs.repo.close()  # SIGKILL with the file open
+    fs2 = Filesystem(Repository(repo_path))
+    v2 = fs2.volume_view("v")
+    g = v2.lookup(ROOT_INO, b"f")
+    size = g.size
+    assert size in (CS + 100, len(data))  # the unsynced truncate made it, or not at all
+    await v2.truncate(g, len(data))
+    want = data if size == len(data) else data[:CS + 100] + bytes(len(data) - CS - 100)
+    assert await read_all(v2, g) == want
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_a_store_that_ends_past_a_truncate_made_meanwhile_is_not_recorded(
+        fs, view, repo_path, monkeypatch):
+    """A store of the last chunk in flight while a truncate cuts it: recording the stored
+    (uncut) chunk would put old bytes past the end into the block's row."""
+    data = pattern(2 * CS, seed=14)
+    f = await write_file(view, b"f", data)  # dirty, never stored
+    real = fs.chunks.put_many
+
+    async def slow_put_many(payloads, sync=False):
+        await trio.sleep(0.05)
+        return await real(payloads, sync=sync)
+
+    monkeypatch.setattr(fs.chunks, "put_many", slow_put_many)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.write_back)  # one pass: the file is closed
+        await trio.sleep(0.01)  # the store of both chunks is under way
+        await view.truncate(f, CS + 10)
+    monkeypatch.undo()
+    fs.flush_inodes()  # a group commit, before the cut chunk is stored again
+    await fs.commit_catalog(durable=False)
+    (reach,) = fs.cat.execute(
+        "SELECT c.raw_len FROM blocks b JOIN chunks c ON c.id = b.chunk "
+        "WHERE b.ino=? AND b.idx=1", (f.ino,)).fetchone() or (0,)
+    assert reach <= 10  # nothing of the old chunk 1 past the new end in the catalog
+    await view.truncate(f, 2 * CS)
+    assert await read_all(view, f) == data[:CS + 10] + bytes(CS - 10)
+    assert await close_and_fsck(fs, repo_path) == []
