@@ -413,6 +413,7 @@ class SnapfsOperations(pyfuse3.Operations):
         dview, dnode = self._resolve_dir(parent_inode_new)
         if sview is not dview:
             raise FsError(errno.EXDEV)
+        await sview.store_before_replace(snode.ino, name_old, dnode.ino, name_new)
         sview.rename(snode.ino, name_old, dnode.ino, name_new, flags)
 
     # -- files ------------------------------------------------------------------------------

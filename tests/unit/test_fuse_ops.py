@@ -88,3 +88,30 @@ async def test_requests_that_reach_a_file_just_deleted(ops, fs, view):
     assert (await ops.setattr(fino, attr, fields, None, None)).st_size == 100
     assert fs.cat.execute("SELECT mode FROM inodes WHERE ino=? AND vertex=?",
                           (f.ino, view.draft_id())).fetchone() == (0,)
+
+
+@trio_test
+async def test_a_rename_over_a_file_stores_the_renamed_files_data_first(ops, fs, view,
+                                                                        repo_path):
+    """Found with a crash probe (2026-11-27): a file written, closed and renamed over an
+    existing one, no fsync; a catalog commit came before the write-back stored its data
+    (renames go on while a group commit stores), then SIGKILL: the name showed an
+    empty file. Like ext4's auto_da_alloc, a rename over an existing name stores the
+    renamed file's data first, so a crash leaves the old content or the new."""
+    from snapfs.repository import Repository
+    from snapfs.vfs.fs import Filesystem
+    from unithelpers import read_path
+
+    old = mkfile(view, b"config")
+    await view.write(old, 0, b"old settings\n")
+    await fs.sync()
+    new = mkfile(view, b"config.tmp")
+    await view.write(new, 0, b"new settings\n" * 1000)  # dirty in memory, closed
+    vol = (await ops.lookup(MNT_ROOT, b"v")).st_ino
+    await ops.rename(vol, b"config.tmp", vol, b"config", 0, None)
+    fs.flush_inodes()  # a commit that no write-back preceded
+    await fs.commit_catalog(durable=False)
+    fs.repo.close()  # SIGKILL
+    fs2 = Filesystem(Repository(repo_path))
+    assert await read_path(fs2.volume_view("v"), b"config") == b"new settings\n" * 1000
+    fs2.repo.close()
