@@ -9,11 +9,13 @@ from types import SimpleNamespace
 
 import pyfuse3
 import pytest
-from unithelpers import mkfile, trio_test
+from unithelpers import mkfile, read_path, trio_test
 
 import snapfs.fuse.ops as ops_module
 from snapfs.fuse.ops import MNT_ROOT, SnapfsOperations
+from snapfs.repository import Repository
 from snapfs.types import ROOT_INO
+from snapfs.vfs.fs import Filesystem
 
 
 @pytest.fixture
@@ -98,10 +100,6 @@ async def test_a_rename_over_a_file_stores_the_renamed_files_data_first(ops, fs,
     (renames go on while a group commit stores), then SIGKILL: the name showed an
     empty file. Like ext4's auto_da_alloc, a rename over an existing name stores the
     renamed file's data first, so a crash leaves the old content or the new."""
-    from snapfs.repository import Repository
-    from snapfs.vfs.fs import Filesystem
-    from unithelpers import read_path
-
     old = mkfile(view, b"config")
     await view.write(old, 0, b"old settings\n")
     await fs.sync()
