@@ -2,6 +2,7 @@
 mount again. Everything acknowledged by fsync and every committed snapshot must be
 intact, and (snapfs) fsck must pass (checked by the fixture's teardown)."""
 
+import contextlib
 import errno
 import os
 import queue
@@ -13,6 +14,20 @@ import time
 
 import pytest
 from fusehelpers import data, read_bytes, snapfs_bin, tree_contents, wait_pid_gone, write_bytes
+
+
+@contextlib.contextmanager
+def open_through_crash(path, flags: int, mode: int = 0o644):
+    """A descriptor for a body that ends by killing the daemon: closed afterwards whatever
+    happened (once the mount is gone, the close fails, and that is expected)."""
+    fd = os.open(path, flags, mode)
+    try:
+        yield fd
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone
 
 WORKER = r"""
 import os, random, sys
@@ -252,8 +267,7 @@ def test_open_file_kept_dirty_in_memory_is_committed_fsynced_and_crash_safe(fres
     content = bytearray(data(size, seed="dirty"))
     rng = random.Random(1)
     path = m.vol / "open.dat"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with open_through_crash(path, os.O_RDWR | os.O_CREAT) as fd:
         os.pwrite(fd, content, 0)
         os.fsync(fd)
 
@@ -275,11 +289,6 @@ def test_open_file_kept_dirty_in_memory_is_committed_fsynced_and_crash_safe(fres
         scribble(50)  # never fsynced
         time.sleep(2.5)
         m.kill_daemon()
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # the mount is gone
     m.mount()
     got = read_bytes(path)
     assert len(got) == size
@@ -298,8 +307,7 @@ def test_a_crash_leaves_an_unsynced_log_a_prefix_never_zeros(fresh_mount):
     m.expect_log(r" WARNING ")
     path = m.vol / "app.log"
     written = bytearray()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
+    with open_through_crash(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND) as fd:
         deadline = time.monotonic() + 3.5  # more than one group commit (2 s)
         n = 0
         while time.monotonic() < deadline:
@@ -311,11 +319,6 @@ def test_a_crash_leaves_an_unsynced_log_a_prefix_never_zeros(fresh_mount):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             time.sleep(0.02)
         m.kill_daemon()
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # the mount is gone
     m.mount()
     got = read_bytes(path)
     assert written.startswith(got), f"{len(got)} bytes, {got.count(0)} of them zeros"
@@ -330,17 +333,11 @@ def test_a_crash_after_an_unsynced_truncate_never_brings_old_bytes_back(fresh_mo
     path = m.vol / "f"
     old = data(10_000, seed="cut")
     write_bytes(path, old)
-    fd = os.open(path, os.O_RDWR)
-    os.fsync(fd)
-    try:
+    with open_through_crash(path, os.O_RDWR) as fd:
+        os.fsync(fd)
         os.ftruncate(fd, 100)
         time.sleep(3.5)  # group commits (every 2 s) pass with the file open
         m.kill_daemon()
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # the mount is gone
     m.mount()
     size = os.path.getsize(path)
     assert size in (100, 10_000)  # the unsynced truncate made it, or not at all
