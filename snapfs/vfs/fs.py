@@ -340,8 +340,7 @@ class Filesystem:
         data (that is each file's own fsync; flushing all of it here made a directory
         fsync wait for every dirty file, and fail when one of them could not be stored)."""
         async with self._sync_lock:
-            self.flush_inodes()
-            await self.commit_catalog(durable=True)
+            await self.commit_catalog(durable=True)  # writes the inode rows first
 
     async def shutdown(self) -> None:
         """The unmount's last sync. Dirty data may now use three quarters of the pack
@@ -375,8 +374,7 @@ class Filesystem:
         transaction (no fsync). On a full disk the data stays dirty, but the metadata is
         committed all the same (the catalog has the pack store's reserve to grow into)."""
         full = await _disk_full_of(self.write_back())
-        self.flush_inodes()
-        await self.commit_catalog(durable=False)
+        await self.commit_catalog(durable=False)  # writes the inode rows first
         if full is not None:
             raise full
 

@@ -563,12 +563,10 @@ class View:
         node = self.get(ino)
         if not stat.S_ISREG(node.mode):
             raise FsError(errno.EINVAL)
-        for _ in range(2):  # again after the truncate: it may have awaited
-            if node.deleted:
-                raise FsError(errno.ENOENT)
-            if truncate and node.size:
-                await self.setattr(ino, size=0)
-            truncate = False
+        if not node.deleted and truncate and node.size:
+            await self.setattr(ino, size=0)
+        if node.deleted:  # before, or during the truncate's awaits
+            raise FsError(errno.ENOENT)
         node.opens += 1
         return node
 
