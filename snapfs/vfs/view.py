@@ -629,7 +629,7 @@ class View:
         their rows, the snapshot kept rows pointing at chunks that nothing counted, and
         the collector freed them (fsck: "points at missing chunk")."""
         for node in self.inodes.values():
-            if not node.orphan or node.deleted or node.detached:
+            if not node.orphan or node.rowless:
                 continue
             self._tombstone(node.ino, draft)
             node.detached, node.dirty = True, False
@@ -689,8 +689,8 @@ class View:
             return
         if node.orphan:
             self._unpin_all(node)
-            row = self._resolve_inode(node.ino)
-            if node.detached or row is None or row[0] == 0:  # a sealed draft had it
+            # a sealed draft had it (detached: no query needed to know)
+            if node.detached or (row := self._resolve_inode(node.ino)) is None or row[0] == 0:
                 self._forget_node(node)
                 return
         elif stat.S_ISREG(node.mode):
@@ -1524,11 +1524,11 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
             chunk = next(it) if payload is not None else 0
             if node.buffers.get(idx) is not buf or view.dropped:
                 continue
-            if reach > node.size:  # truncated meanwhile: old bytes past the end, never
-                continue  # in a row (the buffer, cut, stays dirty)
             if node.deleted:  # made dirty by a request that raced with the deletion
                 view.fs.pool.give(node.buffers.pop(idx))
                 continue
+            if reach > node.size:  # truncated meanwhile: old bytes past the end, never
+                continue  # in a row (the buffer, cut, stays dirty)
             view.set_block(node, idx, chunk)
             if end > node.stored_end:
                 node.stored_end = min(end, node.size)
