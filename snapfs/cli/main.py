@@ -110,6 +110,7 @@ def run_op(target: Target, req: dict) -> dict:
     repo = open_repository(target.repo, "a snapfs command")
     try:
         fs = Filesystem(repo)
+        trio.run(fs.recover)  # what the intent log holds first (the daemon died)
         result = trio.run(control.handle, fs, req)
         trio.run(fs.sync)
         return result

@@ -143,6 +143,11 @@ def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None
     repo = Repository(repo_path, holder=f"the snapfs mount at {mnt}", secret=secret,
                       cache_bytes=cache_bytes)
     fs = Filesystem(repo, dirty_limit=dirty_limit)
+    try:
+        trio.run(fs.recover)  # fsynced writes only the intent log holds, before the mount
+    except BaseException:
+        repo.close()
+        raise
     ops = SnapfsOperations(fs)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")

@@ -182,6 +182,9 @@ class Catalog:
         self._replay_pending = False  # rolled back by SQLite, not yet replayed
         self._finish_checkpoint = False
         self.last_commit = time.monotonic()
+        # Commits ended by this connection: a row written while commits == n is part of
+        # the (n+1)th commit. vfs/fs.py compares it to know which rows are durable.
+        self.commits = 0
 
     def _check_format(self, existed: bool) -> None:
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -252,6 +255,7 @@ class Catalog:
                 raise
             self._in_tx = False
             self._redo.clear()
+        self.commits += 1
         self.last_commit = time.monotonic()
         if self._finish_checkpoint:
             try:

@@ -68,6 +68,7 @@ class RepoPaths:
         self.pid = os.path.join(self.root, "snapfs.pid")
         self.sock = os.path.join(self.root, "snapfs.sock")
         self.log = os.path.join(self.root, "snapfs.log")
+        self.intent = os.path.join(self.root, "intent.log")
 
 
 def parse_size(text: str) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -38,9 +39,19 @@ from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.ratelimit import Every
 from snapfs.repository import Repository
+from snapfs.store import intentlog
 from snapfs.store.catalog import JOURNAL_SIZE_LIMIT
 from snapfs.store.gc import Collector
-from snapfs.vfs.view import PAGE, BufferPool, Inode, View, release_free_memory, store_buffers
+from snapfs.store.intentlog import IntentLog, IntentRecord
+from snapfs.vfs.view import (
+    PAGE,
+    BufferPool,
+    DirtyChunk,
+    Inode,
+    View,
+    release_free_memory,
+    store_buffers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,14 @@ COMPLETE_BATCH = 32  # complete chunks (4 MiB by default) that wake the backgrou
 COMPLETE_BACKLOG = 8 * COMPLETE_BATCH
 
 
+# The intent log (store/intentlog.py): an fsync whose file holds at most this much dirty
+# data appends it to the log instead of storing it (a larger one is stored as before:
+# the log would write as much, and the data has to be stored anyway)...
+INTENT_RECORD_MAX = 256 << 10
+# ...and once the log holds this much, or its oldest record is dirty_expire old, the
+# background pass stores what only the log holds and empties it.
+INTENT_LOG_RETIRE = 64 << 20
+
 MIN_DIRTY_LIMIT = 16 << 20
 MAX_DEFAULT_DIRTY_LIMIT = 4 << 30
 
@@ -84,7 +103,8 @@ def default_dirty_limit() -> int:
 
 class Filesystem:
     def __init__(self, repo: Repository, *, dirty_limit: int | None = None,
-                 dirty_expire: float = DIRTY_EXPIRE, clean_orphans: bool = True) -> None:
+                 dirty_expire: float = DIRTY_EXPIRE, clean_orphans: bool = True,
+                 intent_log: bool = True) -> None:
         if dirty_limit is None:
             dirty_limit = default_dirty_limit()
         self.repo = repo
@@ -121,6 +141,21 @@ class Filesystem:
         self._last_dirty = time.monotonic()  # when dirty data was last seen (trim_pool)
         self._damage_reported: set[str] = set()  # write-back errors already logged
         self._disk_full_log = Every(60.0)  # the background pass's "disk full" line
+        # Durability (see sync): rows written while cat.commits < durable_commits are in
+        # the durable catalog. The intent log's records live while their epoch is at
+        # least the catalog's intent_epoch; _logged are the files with records of the
+        # current epoch, _log_top the highest epoch in the log file, _durable_epoch the
+        # catalog's epoch at its last durable commit.
+        self.durable_commits = 0
+        self.intent = IntentLog(repo.paths.intent, repo.chunks.aead) if intent_log else None
+        self._intent_epoch = int(self.cat.meta_get("intent_epoch", 0))
+        self._durable_epoch = -1
+        self._log_top = -1
+        self._log_seq = 0
+        self._log_since = 0.0  # when the first record of the current epoch was appended
+        self._logged: dict[tuple[int, int], tuple[View, Inode]] = {}
+        self._retire_pending = False  # recovery applied records: the next commit retires them
+        self.fsync_counts = Counter()  # how fsyncs were made durable: logged, stored, clean
         if clean_orphans:
             self._clean_orphans()
 
@@ -327,7 +362,16 @@ class Filesystem:
     async def sync(self, view: View | None = None, node: Inode | None = None) -> None:
         """Durability point: dirty data, then inode attributes, then fsync packs and WAL.
         On a full disk the metadata is still made durable, then the error is raised: what
-        could not be stored stays dirty (and reads as before)."""
+        could not be stored stays dirty (and reads as before).
+
+        The fsync of one file whose rows are all durable already, and whose only changes
+        since are data (at most INTENT_RECORD_MAX), size and times, appends them to the
+        intent log instead (one small fdatasync where the store and the catalog commit
+        cost two journal commits): _sync_by_log."""
+        if node is not None and view is not None:
+            if self.intent is not None and await self._sync_by_log(view, node):
+                return
+            self.fsync_counts["stored"] += 1
         full = await _disk_full_of(view.flush_data(node, sync=True)
                                    if node is not None and view is not None
                                    else self.flush_dirty(view))
@@ -341,6 +385,163 @@ class Filesystem:
         fsync wait for every dirty file, and fail when one of them could not be stored)."""
         async with self._sync_lock:
             await self.commit_catalog(durable=True)  # writes the inode rows first
+            await self._reset_log_if_retired()
+
+    # -- the intent log ------------------------------------------------------------------------
+    def _loggable(self, view: View, node: Inode) -> bool:
+        """Whether an fsync of node may go through the intent log: a regular file in a
+        live tree whose rows (inode, blocks, xattrs) are all in the durable catalog, whose
+        attributes other than size and times are as its row has them, and which no
+        truncate is changing (a record's size is applied exactly: see retire_log)."""
+        return (not view.dropped and stat.S_ISREG(node.mode) and not node.rowless
+                and not node.orphan and not node.truncating
+                and node.row_txn < self.durable_commits
+                and node.meta_row() == node.saved_meta)
+
+    async def _sync_by_log(self, view: View, node: Inode) -> bool:
+        """fsync through the intent log; False when it cannot (then it is stored).
+
+        A record holds every dirty page of the file, its size and times: with the rows
+        durable, the catalog plus the records in order give the file as it was at this
+        fsync. Records are appended one at a time under the sync lock, in seq order."""
+        if not self._loggable(view, node):
+            return False
+        async with self._sync_lock:
+            if not self._loggable(view, node):
+                return False
+            if not node.buffers and not node.dirty:
+                self.fsync_counts["clean"] += 1  # everything is durable already
+                return True
+            rec = self._intent_record(view, node)
+            if rec is None:
+                return False
+            blob = intentlog.encode(rec, self.intent.aead)
+            try:
+                await trio.to_thread.run_sync(self.intent.append, blob)
+            except OSError as e:
+                log.warning("the intent log could not be written (%s); fsync stores instead", e)
+                return False
+            if not self._logged:
+                self._log_since = time.monotonic()
+            self._logged[(id(view), node.ino)] = (view, node)
+            self._log_top = max(self._log_top, rec.epoch)
+            self.fsync_counts["logged"] += 1
+            return True
+
+    def _intent_record(self, view: View, node: Inode) -> IntentRecord | None:
+        """The record of node's dirty data, size and times (None: more than
+        INTENT_RECORD_MAX). Its buffers are marked with its seq: a store that freezes
+        them from now on covers it (DirtyChunk.log_seq)."""
+        cs, size = self.chunk_size, node.size
+        extents: list[tuple[int, bytes]] = []
+        total = 0
+        bufs: list[DirtyChunk] = []
+        for idx in sorted(node.buffers):
+            buf, base = node.buffers[idx], idx * cs
+            if buf.data is None:  # sparse: its pages
+                for p in sorted(buf.pages or ()):
+                    off = base + p * PAGE
+                    if off < size:
+                        extents.append((off, bytes(buf.pages[p][:size - off])))
+                        total += PAGE
+            elif base < size:
+                n = min(buf.length, size - base)
+                extents.append((base, bytes(memoryview(buf.data)[:n])))
+                total += n
+            bufs.append(buf)
+            if total > INTENT_RECORD_MAX:
+                return None
+        self._log_seq += 1
+        for buf in bufs:
+            buf.log_seq = self._log_seq
+        return IntentRecord(self._log_seq, self._intent_epoch, view.draft_id(), node.ino,
+                            size, node.mtime_ns, node.ctime_ns, tuple(extents))
+
+    def is_logged(self, node: Inode) -> bool:
+        return any(n is node for _, n in self._logged.values())
+
+    def _log_covered(self) -> bool:
+        """Every page a live record holds is in a chunk whose block row is written (a
+        store that froze the buffer after the record was made), or gone with its file."""
+        for view, node in self._logged.values():
+            if view.dropped or node.rowless:
+                continue
+            for buf in node.buffers.values():
+                if buf.log_seq > buf.stored_log:
+                    return False
+        return True
+
+    async def retire_log(self) -> None:
+        """Store what only the intent log holds and commit with a new epoch (durably),
+        so that no record applies any more; then empty the log. Before a truncate that
+        shrinks a logged file (replaying its older record would bring the old size
+        back over the committed cut), at the log's size or age limit, and at unmount."""
+        async with self._sync_lock:
+            for _ in range(4):
+                items = [(v, n, idx) for v, n in self._logged.values()
+                         if not v.dropped and not n.rowless
+                         for idx, buf in sorted(n.buffers.items())
+                         if buf.log_seq > buf.stored_log]
+                if not items or await _disk_full_of(self._store(items)) is not None:
+                    break
+            await self.commit_catalog(durable=True)
+            await self._reset_log_if_retired()
+
+    async def _reset_log_if_retired(self) -> None:
+        """Empty the log file once every record in it has an epoch below the durable
+        catalog's (the caller holds the sync lock: no append meanwhile)."""
+        if self.intent is not None and self.intent.size and self._log_top < self._durable_epoch:
+            await trio.to_thread.run_sync(self.intent.reset)
+            self._log_top = -1
+
+    def pending_intents(self) -> list[IntentRecord]:
+        """The log's records that the catalog does not hold yet (they apply at recover)."""
+        if self.intent is None:
+            return []
+        return [r for r in self.intent.read() if r.epoch >= self._intent_epoch]
+
+    async def recover(self) -> int:
+        """Apply the intent log after the last writer died: the records whose epoch is
+        at least the catalog's, in order (fsynced writes the catalog does not hold), as
+        writes through the views, then store them, commit with a new epoch and empty the
+        log. Called once, before anything else uses the repository (mount, commands).
+        Returns how many records applied."""
+        if self.intent is None:
+            return 0
+        records = await trio.to_thread.run_sync(self.intent.read)
+        self._log_top = max((r.epoch for r in records), default=-1)
+        applied = 0
+        for rec in records:
+            if rec.epoch >= self._intent_epoch and await self._apply(rec):
+                applied += 1
+        await self.flush_dirty()
+        self._retire_pending = applied > 0
+        async with self._sync_lock:
+            await self.commit_catalog(durable=True)
+            await self._reset_log_if_retired()
+        if applied:
+            log.info("applied %d intent-log record(s): fsynced writes of the last run that "
+                     "were not yet in the catalog", applied)
+        return applied
+
+    async def _apply(self, rec: IntentRecord) -> bool:
+        view = self._view_of_draft(rec.vertex)
+        if view is None:
+            return False  # its draft was sealed or deleted later: nothing to apply to
+        try:
+            node = view.get(rec.ino)
+        except FsError:
+            return False  # deleted later
+        if not stat.S_ISREG(node.mode) or node.nlink == 0:
+            return False
+        times = node.mtime_ns, node.ctime_ns
+        for off, data in rec.extents:
+            await view.write(node, off, data)
+        if node.size != rec.size:
+            await view.truncate(node, rec.size)
+        node.mtime_ns, node.ctime_ns = max(times[0], rec.mtime_ns), max(times[1], rec.ctime_ns)
+        view._mark_dirty(node)
+        return True
 
     async def shutdown(self) -> None:
         """The unmount's last sync. Dirty data may now use three quarters of the pack
@@ -363,10 +564,22 @@ class Filesystem:
         if self.cat.wal_bytes() > self.checkpoint_bytes:
             self._checkpoint_wanted.set()
         if durable:
+            done, epoch = self.cat.commits, self._intent_epoch
             await trio.to_thread.run_sync(self.cat.sync_wal)
+            self.durable_commits = max(self.durable_commits, done)
+            self._durable_epoch = max(self._durable_epoch, epoch)
 
     def _commit_now(self) -> None:
+        """Write the inode rows and commit, raising the intent log's epoch in the same
+        transaction when every live record is covered by stored rows (_log_covered):
+        from then on the catalog holds all that the log does. The epoch counts as raised
+        at once: a commit that SQLite refuses is redone with the next one."""
         self.flush_inodes()
+        if (self._logged or self._retire_pending) and self._log_covered():
+            self._intent_epoch += 1
+            self.cat.meta_set("intent_epoch", self._intent_epoch)
+            self._logged.clear()
+            self._retire_pending = False
         self.cat.commit()
 
     async def group_commit(self) -> None:
@@ -419,6 +632,9 @@ class Filesystem:
             try:
                 await self.group_commit()
                 now = time.monotonic()
+                if self._logged and (self.intent.size > INTENT_LOG_RETIRE
+                                     or now - self._log_since > self.dirty_expire):
+                    await self.retire_log()
                 await self.trim_pool(now)
                 if self.gc_requested or now - last_gc > gc_every:
                     last_gc = now
@@ -572,6 +788,10 @@ class Filesystem:
         result = graph_stats.compute(self.graph, self.chunk_size, self.repo.paths.packs)
         result["dirty_bytes"] = self.dirty_bytes()
         result["dirty_limit"] = self.dirty_limit
+        result["fsync"] = {"logged": self.fsync_counts["logged"],
+                           "stored": self.fsync_counts["stored"],
+                           "clean": self.fsync_counts["clean"],
+                           "intent_log_bytes": self.intent.size if self.intent else 0}
         for key, fn in self.extra_stats.items():
             result[key] = fn()
         return result

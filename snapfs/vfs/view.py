@@ -89,6 +89,11 @@ class DirtyChunk:
     frozen: int = 0  # stores reading data right now: a write must thaw (copy) it first
     base: int = 0  # sparse: the stored chunk under the pages
     pages: dict[int, bytes] | None = None  # sparse: page index -> PAGE bytes
+    # The intent log (vfs/fs.py): the last record that holds this chunk's pages, and the
+    # last of them that a recorded store covered. log_seq > stored_log: only the log
+    # holds that fsynced content, so the log must not be retired yet.
+    log_seq: int = 0
+    stored_log: int = 0
 
 
 SMALL_BUFFER = 32 * 1024  # a new chunk's first write ending here or before gets a small buffer
@@ -194,9 +199,17 @@ class Inode:
     # last row written said less than size, so the next store saves the row again.
     stored_end: int = 0
     row_short: bool = False
+    # For an fsync through the intent log (vfs/fs.py): the catalog commit that will carry
+    # the node's last row change (Catalog.commits when it was written; rows loaded from
+    # the catalog count as 0), the attributes of its last row other than size and times,
+    # and truncates under way.
+    row_txn: int = 0
+    saved_meta: tuple = ()
+    truncating: int = 0
 
     def __post_init__(self) -> None:
         self.stored_end = self.size
+        self.saved_meta = self.meta_row()
 
     @property
     def is_dir(self) -> bool:
@@ -213,6 +226,10 @@ class Inode:
     def row(self) -> tuple:
         return (self.mode, self.nlink, self.uid, self.gid, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.rdev, self.target)
+
+    def meta_row(self) -> tuple:
+        """The attributes an intent-log record does not carry (it has size and times)."""
+        return (self.mode, self.nlink, self.uid, self.gid, self.rdev, self.target)
 
 
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -321,6 +338,7 @@ class View:
                 fresh.opens, fresh.orphan = node.opens, fresh.nlink == 0
                 for name in Inode.__slots__:  # same object: open handles refer to it
                     setattr(node, name, getattr(fresh, name))
+                node.row_txn = self.cat.commits
             kept[ino] = node
         self.inodes = kept
         self.dirty_inodes.clear()
@@ -365,6 +383,9 @@ class View:
             raise FsError(errno.ENOENT)
         node = Inode(ino, *row)
         node.orphan = node.nlink == 0  # left by a crash: its references are already gone
+        # its rows may be in a commit not yet durable (a node forgotten and looked up
+        # again): durable from the next durable commit on (Filesystem._loggable)
+        node.row_txn = self.cat.commits
         self.inodes[ino] = node
         return node
 
@@ -379,6 +400,7 @@ class View:
                         self.meta.target_enc(node.ino, row[9])))
         node.dirty, node.row_short = False, size < node.size
         node.stored_end = max(node.stored_end, size)  # all of it is in the catalog now
+        node.saved_meta, node.row_txn = node.meta_row(), self.cat.commits
 
     def row_size(self, node: Inode) -> int:
         """The size the inode row may say: node.size, but not past data that is still
@@ -965,6 +987,7 @@ class View:
                 # that gc may free (fsck of a crashed repository found such rows)
                 self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
                                (node.ino, idx, self.draft_id(), chunk))
+                node.row_txn = self.cat.commits
             return
         draft = self.draft_id()
         changes: dict[int, int] = {}
@@ -980,6 +1003,7 @@ class View:
         self._count_allocated(node, idx, old, chunk)
         self.cat.write("INSERT OR REPLACE INTO blocks VALUES (?,?,?,?)",
                        (node.ino, idx, draft, chunk))
+        node.row_txn = self.cat.commits
 
     def _count_allocated(self, node: Inode, idx: int, old: int, chunk: int) -> None:
         """Keep the st_blocks count of a block that changed from old to chunk, instead of
@@ -1033,6 +1057,17 @@ class View:
             raise FsError(errno.EINVAL)
         if size > self.fs.max_file_size:
             raise FsError(errno.EFBIG)
+        node.truncating += 1  # no fsync through the intent log meanwhile
+        try:
+            if size < node.size and self.fs.is_logged(node):
+                # a live record of the old size would bring it back over the cut after
+                # a crash (a record's size is applied exactly): retire the log first
+                await self.fs.retire_log()
+            await self._truncate(node, size)
+        finally:
+            node.truncating -= 1
+
+    async def _truncate(self, node: Inode, size: int) -> None:
         idx, tail = divmod(size, self.chunk_size)
         cut: tuple[int, int] | None = None  # the cut last chunk stored: (id, gen it holds)
         try:
@@ -1507,7 +1542,7 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
         buf.frozen += 1
         payload = memoryview(buf.data)[:n] if n else None
         work.append((view, node, idx, buf, buf.gen, payload, buf.data,
-                     idx * cs + min(valid, buf.length), idx * cs + n))
+                     idx * cs + min(valid, buf.length), idx * cs + n, buf.log_seq))
     stored = [w[5] for w in work if w[5] is not None]
     ids: list[int] = []
     try:
@@ -1520,7 +1555,7 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
                 w[3].frozen -= 1
     try:
         it = iter(ids)
-        for view, node, idx, buf, gen, payload, _data, end, reach in work:
+        for view, node, idx, buf, gen, payload, _data, end, reach, logged in work:
             chunk = next(it) if payload is not None else 0
             if node.buffers.get(idx) is not buf or view.dropped:
                 continue
@@ -1530,6 +1565,7 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
             if reach > node.size:  # truncated meanwhile: old bytes past the end, never
                 continue  # in a row (the buffer, cut, stays dirty)
             view.set_block(node, idx, chunk)
+            buf.stored_log = max(buf.stored_log, logged)  # what the log held is stored
             if end > node.stored_end:
                 node.stored_end = min(end, node.size)
             if node.row_short:  # its row may say more now (View.row_size)

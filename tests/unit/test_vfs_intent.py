@@ -1,0 +1,268 @@
+"""fsync through the intent log (snapfs/store/intentlog.py, Filesystem._sync_by_log): the
+record format, and what a crash leaves, without the kernel. A "crash" closes the
+repository without storing the dirty buffers (Repository.close commits the open catalog
+transaction, as a group commit before a SIGKILL would); the next opening replays."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from unithelpers import CHUNK as CS
+from unithelpers import close_and_fsck, pattern, read_all, read_path, trio_test, write_file
+
+from snapfs.crypto.aead import Aead
+from snapfs.errors import IntegrityError
+from snapfs.repository import Repository
+from snapfs.store.intentlog import IntentLog, IntentRecord, decode, encode
+from snapfs.types import ROOT_INO
+from snapfs.vfs.fs import INTENT_RECORD_MAX, Filesystem
+
+PAGE = 4096
+
+
+def record(seq: int, epoch: int = 0, **kw) -> IntentRecord:
+    fields = {"vertex": 3, "ino": 7, "size": 9000, "mtime_ns": 5, "ctime_ns": 6,
+              "extents": ((0, b"a" * 4096), (8192, b"tail"))}
+    fields.update(kw)
+    return IntentRecord(seq, epoch, **fields)
+
+
+# -- the format -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_records_read_back_in_order_and_a_torn_tail_is_dropped(encrypted):
+    aead = Aead(os.urandom(32)) if encrypted else None
+    recs = [record(1), record(2, extents=()), record(3, epoch=1, size=0)]
+    blob = b"".join(encode(r, aead) for r in recs)
+    assert list(decode(blob, aead)) == recs
+    for cut in (1, 20, len(blob) - len(encode(recs[2], aead)) + 40, len(blob) - 1):
+        assert list(decode(blob[:cut], aead)) == [r for r in recs
+                                                   if len(b"".join(encode(x, aead) for x in
+                                                                   recs[:r.seq])) <= cut]
+
+
+def test_a_damaged_record_ends_the_log_and_a_wrong_key_is_an_error():
+    recs = [record(1), record(2)]
+    blob = bytearray(b"".join(encode(r, None) for r in recs))
+    first = len(encode(recs[0], None))
+    blob[first + 40] ^= 1  # inside the second record's body: its checksum fails
+    assert list(decode(bytes(blob), None)) == recs[:1]
+    sealed = encode(recs[0], Aead(os.urandom(32)))
+    with pytest.raises(IntegrityError):
+        list(decode(sealed, Aead(os.urandom(32))))
+
+
+def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
+    log = IntentLog(str(tmp_path / "intent.log"), None)
+    log.append(encode(record(1), None))
+    size = log.size
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", no_space)
+    with pytest.raises(OSError):
+        log.append(encode(record(2), None))
+    monkeypatch.undo()
+    assert os.path.getsize(log.path) == size == log.size
+    log.append(encode(record(3), None))
+    assert [r.seq for r in log.read()] == [1, 3]
+
+
+# -- fsync through the log ---------------------------------------------------------------------
+
+
+async def durable_file(fs, view, name: bytes, data: bytes):
+    """A file whose rows are all durable (stored and fsynced once)."""
+    f = await write_file(view, name, data)
+    await fs.sync(view, f)
+    assert fs.fsync_counts["stored"] >= 1
+    return f
+
+
+def crash(fs) -> None:
+    """The daemon dies: dirty buffers are lost, the catalog keeps what it committed."""
+    fs.repo.close()
+
+
+async def reopen(repo_path: str, **kw) -> tuple[Filesystem, int]:
+    fs = Filesystem(Repository(repo_path, **kw))
+    return fs, await fs.recover()
+
+
+@trio_test
+async def test_an_fsync_of_a_durable_file_is_logged_and_replayed_after_a_crash(
+        fs, view, repo_path):
+    data = bytearray(pattern(4 * CS, seed=1))
+    f = await durable_file(fs, view, b"f", bytes(data))
+    f.opens += 1
+    await view.write(f, CS, b"x" * PAGE)  # a page of a stored chunk (sparse)
+    await view.write(f, 4 * CS, b"appended")  # past the end: a new chunk
+    data[CS:CS + PAGE] = b"x" * PAGE
+    data += b"appended"
+    await fs.sync(view, f)
+    assert fs.fsync_counts["logged"] == 1
+    assert os.path.getsize(fs.repo.paths.intent) > 0
+    await view.write(f, 0, b"unsynced")  # after the fsync: may be lost
+    crash(fs)
+
+    fs2, applied = await reopen(repo_path)
+    assert applied == 1
+    assert await read_path(fs2.volume_view("v"), b"f") == bytes(data)
+    assert os.path.getsize(fs2.repo.paths.intent) == 0  # applied, stored, retired
+    assert await close_and_fsck(fs2, repo_path) == []
+    fs3, applied = await reopen(repo_path)
+    assert applied == 0  # never twice
+    assert await read_path(fs3.volume_view("v"), b"f") == bytes(data)
+    assert await close_and_fsck(fs3, repo_path) == []
+
+
+@trio_test
+async def test_records_apply_in_order_and_a_later_store_retires_them(fs, view, repo_path):
+    data = bytearray(pattern(3 * CS, seed=2))
+    f = await durable_file(fs, view, b"f", bytes(data))
+    f.opens += 1
+    for k in range(3):
+        await view.write(f, CS, bytes([65 + k]) * PAGE)
+        await fs.sync(view, f)
+    assert fs.fsync_counts["logged"] == 3
+    data[CS:CS + PAGE] = b"C" * PAGE
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 3
+    assert await read_path(fs2.volume_view("v"), b"f") == bytes(data)
+
+    # a group commit after the write-back stored the logged pages retires the records:
+    v2 = fs2.volume_view("v")
+    g = v2.lookup(ROOT_INO, b"f")
+    await fs2.sync(v2, g)  # rows durable again
+    await v2.write(g, 0, b"D" * PAGE)
+    await fs2.sync(v2, g)
+    assert fs2.fsync_counts["logged"] == 1
+    await fs2.write_back()  # the file is closed: its chunk is stored
+    await fs2.commit_catalog(durable=False)
+    assert not fs2._logged
+    crash(fs2)
+    fs3, applied = await reopen(repo_path)
+    assert applied == 0
+    data[:PAGE] = b"D" * PAGE
+    assert await read_path(fs3.volume_view("v"), b"f") == bytes(data)
+    assert await close_and_fsck(fs3, repo_path) == []
+
+
+@trio_test
+async def test_what_cannot_go_through_the_log_is_stored(fs, view, repo_path):
+    f = await write_file(view, b"new", b"never stored")
+    await fs.sync(view, f)  # a new file: its rows are not durable yet
+    assert fs.fsync_counts == {"stored": 1}
+    await view.setattr(f.ino, mode=0o600)
+    await view.write(f, 0, b"N")
+    await fs.sync(view, f)  # a mode change is not in a record
+    assert fs.fsync_counts["stored"] == 2
+    await fs.sync(view, f)  # nothing changed since
+    assert fs.fsync_counts["clean"] == 1
+    await view.write(f, 0, pattern(INTENT_RECORD_MAX + CS, seed=3))
+    await fs.sync(view, f)  # too much for a record
+    assert fs.fsync_counts["stored"] == 3 and not fs.fsync_counts["logged"]
+    await view.write(f, 0, b"M")
+    fs.flush_inodes()  # a group commit: its row is in a commit not yet durable
+    await fs.commit_catalog(durable=False)
+    await view.write(f, 1, b"N")
+    await fs.sync(view, f)
+    assert fs.fsync_counts["stored"] == 4 and not fs.fsync_counts["logged"]
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_cut_after_a_logged_fsync_is_not_undone_by_the_replay(fs, view, repo_path):
+    """A record's size is applied exactly: a truncate that shrinks a logged file retires
+    the log first, or the replay would bring the old size back over the committed cut."""
+    data = pattern(4 * CS, seed=4)
+    f = await durable_file(fs, view, b"f", data)
+    f.opens += 1
+    await view.write(f, 0, b"y" * PAGE)  # below the cut: its dirty chunk stays
+    await fs.sync(view, f)
+    assert fs.fsync_counts["logged"] == 1
+    await view.truncate(f, CS + 10)  # not synced
+    fs.flush_inodes()
+    await fs.commit_catalog(durable=False)  # a group commit
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 0
+    assert await read_path(fs2.volume_view("v"), b"f") == b"y" * PAGE + data[PAGE:CS + 10]
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_a_group_commit_before_the_logged_pages_are_stored_keeps_the_records(
+        fs, view, repo_path):
+    """The epoch is raised only by a commit whose rows hold every page a live record
+    holds: the file is open, so the write-back keeps its chunk dirty, and the group
+    commit must leave the record live."""
+    data = bytearray(pattern(3 * CS, seed=9))
+    f = await durable_file(fs, view, b"f", bytes(data))
+    f.opens += 1
+    await view.write(f, 2 * CS + 100, b"w" * 100)  # inside a chunk: not a complete one
+    await fs.sync(view, f)
+    data[2 * CS + 100:2 * CS + 200] = b"w" * 100
+    await fs.write_back()  # f is open and its chunk is young: not stored
+    await fs.group_commit()
+    assert f.buffers and fs._logged
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 1
+    assert await read_path(fs2.volume_view("v"), b"f") == bytes(data)
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_records_of_a_deleted_file_or_a_sealed_draft_do_not_apply(fs, view, repo_path):
+    a = await durable_file(fs, view, b"a", pattern(2 * CS, seed=5))
+    b = await durable_file(fs, view, b"b", pattern(2 * CS, seed=6))
+    for node in (a, b):
+        node.opens += 1
+        await view.write(node, 0, b"z" * PAGE)
+        await fs.sync(view, node)
+    assert fs.fsync_counts["logged"] == 2
+    a.opens -= 1
+    view.unlink(ROOT_INO, b"a")
+    await fs.commit(view, "s")  # stores b, seals the draft
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 0
+    v2 = fs2.volume_view("v")
+    assert await read_path(v2, b"b") == b"z" * PAGE + pattern(2 * CS, seed=6)[PAGE:]
+    assert await read_path(fs2.snapshot_view("v@s"), b"b") == await read_path(v2, b"b")
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_the_log_is_emptied_when_its_records_are_retired(fs, view, repo_path):
+    f = await durable_file(fs, view, b"f", pattern(2 * CS, seed=7))
+    f.opens += 1
+    await view.write(f, 0, b"q" * PAGE)
+    await fs.sync(view, f)
+    assert fs.intent.size > 0
+    await fs.retire_log()
+    assert fs.intent.size == 0 and os.path.getsize(fs.repo.paths.intent) == 0
+    assert not f.buffers
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 0
+    assert (await read_path(fs2.volume_view("v"), b"f"))[:PAGE] == b"q" * PAGE
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_unmount_leaves_an_empty_log(fs, view, repo_path):
+    f = await durable_file(fs, view, b"f", pattern(2 * CS, seed=8))
+    await view.write(f, CS, b"r" * 100)
+    await fs.sync(view, f)
+    assert fs.fsync_counts["logged"] == 1
+    await fs.shutdown()
+    assert fs.intent.size == 0
+    assert await read_all(view, f) == pattern(2 * CS, seed=8)[:CS] + b"r" * 100 + \
+        pattern(2 * CS, seed=8)[CS + 100:]
+    assert await close_and_fsck(fs, repo_path) == []
