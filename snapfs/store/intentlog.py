@@ -42,6 +42,8 @@ CHECK = struct.Struct("<Q")
 BODY = struct.Struct("<QQQqqI")  # vertex, ino, size, mtime_ns, ctime_ns, extents
 EXTENT = struct.Struct("<QI")
 MAX_BODY = 64 << 20  # anything longer is damage, not a record
+PREALLOC = 4 << 20  # zeros written ahead of the records at a time
+KEEP = 16 << 20  # emptied, the log keeps this much of its file written
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +75,9 @@ def _aad(seq: int, epoch: int) -> bytes:
     return b"intent" + struct.pack("<QQ", seq, epoch)
 
 
-def decode(buf: bytes | memoryview, aead: Aead | None) -> Iterator[IntentRecord]:
-    """The records of a log's bytes, up to the first torn or damaged one. A record that
-    passes its checksum but not its authentication (encrypted) is damage: IntegrityError."""
+def _frames(buf: bytes | memoryview) -> Iterator[tuple[int, int, bytes, int]]:
+    """(seq, epoch, body, end) of each intact record, up to the first torn or damaged one
+    (or the zeros written ahead of the records)."""
     pos, n = 0, len(buf)
     head = HEADER.size + CHECK.size
     while pos + head <= n:
@@ -86,10 +88,17 @@ def decode(buf: bytes | memoryview, aead: Aead | None) -> Iterator[IntentRecord]
         body = bytes(buf[pos + head:pos + head + length])
         if xxhash.xxh3_64_intdigest(bytes(buf[pos:pos + HEADER.size]) + body) != check:
             return
+        pos += head + length
+        yield seq, epoch, body, pos
+
+
+def decode(buf: bytes | memoryview, aead: Aead | None) -> Iterator[IntentRecord]:
+    """The records of a log's bytes, up to the first torn or damaged one. A record that
+    passes its checksum but not its authentication (encrypted) is damage: IntegrityError."""
+    for seq, epoch, body, _ in _frames(buf):
         if aead is not None:
             body = aead.open(body, _aad(seq, epoch), f"intent-log record {seq}")
         yield _parse(body, seq, epoch)
-        pos += head + length
 
 
 def _parse(body: bytes, seq: int, epoch: int) -> IntentRecord:
@@ -112,6 +121,14 @@ def _parse(body: bytes, seq: int, epoch: int) -> IntentRecord:
 class IntentLog:
     """The log file of one repository, owned by the single writer (the repository lock).
 
+    Records go one after another from the file's start; end is where the next one goes.
+    The file is written with zeros ahead of them (PREALLOC at a time), so that an
+    append overwrites allocated blocks and its fdatasync commits no size change: 117-148
+    us per 4 KiB record here against 238-240 us appending. Emptying the log only moves
+    end back to 0: what lies beyond the new records (older ones, zeros) ends the log
+    when read (a torn or zero header), or is older records whose epoch is below the
+    catalog's, which never apply.
+
     append() and reset() block on the disk: callers run them in a worker thread, one at
     a time (the filesystem's sync lock), so records land in seq order.
     """
@@ -120,54 +137,57 @@ class IntentLog:
         self.path = path
         self.aead = aead
         self._fd: int | None = None
-        self.size = self._current_size()
+        data = self._read()
+        self.end = max((end for *_, end in _frames(data)), default=0)
+        self.allocated = len(data)
 
-    def _current_size(self) -> int:
+    def _read(self) -> bytes:
         try:
-            return os.stat(self.path).st_size
+            with open(self.path, "rb") as f:
+                return f.read()
         except FileNotFoundError:
-            return 0
+            return b""
 
     def read(self) -> list[IntentRecord]:
         """Every intact record, in the order appended."""
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        return list(decode(data, self.aead))
+        return list(decode(self._read(), self.aead))
 
-    def append(self, blob: bytes) -> None:
-        """Append one encoded record and make it durable (write + fdatasync)."""
+    def _open(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        view = memoryview(blob)
-        at = self.size
-        try:
-            while view:
-                done = os.pwrite(self._fd, view, at)
-                view, at = view[done:], at + done
-            os.fdatasync(self._fd)
-        except OSError:
-            # a torn record would hide every later one from the replay: cut it off
-            try:
-                os.ftruncate(self._fd, self.size)
-            except OSError:
-                pass
-            raise
-        self.size = at
+        return self._fd
 
-    def reset(self) -> None:
-        """Empty the log: every record in it is part of the durable catalog. Not synced:
-        a record that comes back after a power loss has an epoch below the catalog's."""
-        if self._fd is None:
-            if not os.path.exists(self.path):
-                return
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-        os.ftruncate(self._fd, 0)
-        self.size = 0
+    def append(self, blob: bytes) -> None:
+        """Write one encoded record at end and make it durable (fdatasync). On failure
+        end stays: the next record overwrites what was torn."""
+        fd = self._open()
+        at = self.end
+        if at + len(blob) > self.allocated:
+            grow = max(PREALLOC, at + len(blob) - self.allocated)
+            _write_all(fd, bytes(grow), self.allocated)
+            self.allocated += grow
+        _write_all(fd, blob, at)
+        os.fdatasync(fd)
+        self.end = at + len(blob)
+
+    def reset(self, keep: bool = True) -> None:
+        """Empty the log: every record in it is in the durable catalog. Not synced: a
+        record that comes back after a power loss has an epoch below the catalog's.
+        keep=False (unmount) also gives the file's blocks back."""
+        if not keep or self.allocated > KEEP:
+            if self._fd is not None or os.path.exists(self.path):
+                os.ftruncate(self._open(), 0)
+            self.allocated = 0
+        self.end = 0
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _write_all(fd: int, data: bytes, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, at)
+        view, at = view[done:], at + done

@@ -412,15 +412,22 @@ class Filesystem:
             if not node.buffers and not node.dirty:
                 self.fsync_counts["clean"] += 1  # everything is durable already
                 return True
-            rec = self._intent_record(view, node)
-            if rec is None:
+            built = self._intent_record(view, node)
+            if built is None:
                 return False
+            rec, taken = built
+            if not rec.extents and node.logged_attrs == (rec.size, rec.mtime_ns, rec.ctime_ns):
+                self.fsync_counts["clean"] += 1  # a live record says all of it already
+                return True
             blob = intentlog.encode(rec, self.intent.aead)
             try:
                 await trio.to_thread.run_sync(self.intent.append, blob)
             except OSError as e:
                 log.warning("the intent log could not be written (%s); fsync stores instead", e)
                 return False
+            for buf, gen in taken:
+                buf.logged_gen = gen
+            node.logged_attrs = (rec.size, rec.mtime_ns, rec.ctime_ns)
             if not self._logged:
                 self._log_since = time.monotonic()
             self._logged[(id(view), node.ino)] = (view, node)
@@ -428,16 +435,21 @@ class Filesystem:
             self.fsync_counts["logged"] += 1
             return True
 
-    def _intent_record(self, view: View, node: Inode) -> IntentRecord | None:
-        """The record of node's dirty data, size and times (None: more than
-        INTENT_RECORD_MAX). Its buffers are marked with its seq: a store that freezes
-        them from now on covers it (DirtyChunk.log_seq)."""
+    def _intent_record(self, view: View, node: Inode
+                       ) -> tuple[IntentRecord, list[tuple[DirtyChunk, int]]] | None:
+        """The record of node's dirty data not in a live record yet (a buffer written
+        since its last record: DirtyChunk.logged_gen), size and times, with the buffers
+        it takes and their gens; None when that is more than INTENT_RECORD_MAX. Its
+        buffers are marked with its seq at once: a store that freezes them from now on
+        covers it (DirtyChunk.log_seq)."""
         cs, size = self.chunk_size, node.size
         extents: list[tuple[int, bytes]] = []
         total = 0
-        bufs: list[DirtyChunk] = []
-        for idx in sorted(node.buffers):
-            buf, base = node.buffers[idx], idx * cs
+        taken: list[tuple[DirtyChunk, int]] = []
+        for idx, buf in node.buffers.items():  # any order: extents never overlap
+            if buf.logged_gen == buf.gen:
+                continue
+            base = idx * cs
             if buf.data is None:  # sparse: its pages
                 for p in sorted(buf.pages or ()):
                     off = base + p * PAGE
@@ -448,14 +460,15 @@ class Filesystem:
                 n = min(buf.length, size - base)
                 extents.append((base, bytes(memoryview(buf.data)[:n])))
                 total += n
-            bufs.append(buf)
+            taken.append((buf, buf.gen))
             if total > INTENT_RECORD_MAX:
                 return None
         self._log_seq += 1
-        for buf in bufs:
+        for buf, _ in taken:
             buf.log_seq = self._log_seq
-        return IntentRecord(self._log_seq, self._intent_epoch, view.draft_id(), node.ino,
-                            size, node.mtime_ns, node.ctime_ns, tuple(extents))
+        rec = IntentRecord(self._log_seq, self._intent_epoch, view.draft_id(), node.ino,
+                           size, node.mtime_ns, node.ctime_ns, tuple(extents))
+        return rec, taken
 
     def is_logged(self, node: Inode) -> bool:
         return any(n is node for _, n in self._logged.values())
@@ -471,26 +484,37 @@ class Filesystem:
                     return False
         return True
 
+    def _uncovered(self) -> list[tuple[View, Inode, int]]:
+        return [(v, n, idx) for v, n in self._logged.values() if not v.dropped and not n.rowless
+                for idx, buf in sorted(n.buffers.items()) if buf.log_seq > buf.stored_log]
+
     async def retire_log(self) -> None:
         """Store what only the intent log holds and commit with a new epoch (durably),
         so that no record applies any more; then empty the log. Before a truncate that
         shrinks a logged file (replaying its older record would bring the old size
-        back over the committed cut), at the log's size or age limit, and at unmount."""
-        async with self._sync_lock:
-            for _ in range(4):
-                items = [(v, n, idx) for v, n in self._logged.values()
-                         if not v.dropped and not n.rowless
-                         for idx, buf in sorted(n.buffers.items())
-                         if buf.log_seq > buf.stored_log]
-                if not items or await _disk_full_of(self._store(items)) is not None:
-                    break
-            await self.commit_catalog(durable=True)
-            await self._reset_log_if_retired()
+        back over the committed cut), at the log's size or age limit, and at unmount.
+
+        The bulk is stored while fsyncs go on; under the sync lock (no new record) only
+        what they logged meanwhile."""
+        for locked in (False, False, True):
+            if locked:
+                await self._sync_lock.acquire()
+            try:
+                for _ in range(4 if locked else 1):
+                    items = self._uncovered()
+                    if not items or await _disk_full_of(self._store(items)) is not None:
+                        break
+                if locked:
+                    await self.commit_catalog(durable=True)
+                    await self._reset_log_if_retired()
+            finally:
+                if locked:
+                    self._sync_lock.release()
 
     async def _reset_log_if_retired(self) -> None:
         """Empty the log file once every record in it has an epoch below the durable
         catalog's (the caller holds the sync lock: no append meanwhile)."""
-        if self.intent is not None and self.intent.size and self._log_top < self._durable_epoch:
+        if self.intent is not None and self.intent.end and self._log_top < self._durable_epoch:
             await trio.to_thread.run_sync(self.intent.reset)
             self._log_top = -1
 
@@ -534,12 +558,11 @@ class Filesystem:
             return False  # deleted later
         if not stat.S_ISREG(node.mode) or node.nlink == 0:
             return False
-        times = node.mtime_ns, node.ctime_ns
         for off, data in rec.extents:
             await view.write(node, off, data)
         if node.size != rec.size:
             await view.truncate(node, rec.size)
-        node.mtime_ns, node.ctime_ns = max(times[0], rec.mtime_ns), max(times[1], rec.ctime_ns)
+        node.mtime_ns, node.ctime_ns = rec.mtime_ns, rec.ctime_ns  # as at that fsync
         view._mark_dirty(node)
         return True
 
@@ -554,6 +577,10 @@ class Filesystem:
         if full is not None:
             log.error("unmounted with %.1f MiB of unsynced data in %d file(s) that could not "
                       "be stored: %s", self.dirty_bytes() / (1 << 20), len(self._dirty), full)
+        if self.intent is not None:
+            if not self.intent.end:  # every record retired: give the file's blocks back
+                await trio.to_thread.run_sync(self.intent.reset, False)
+            self.intent.close()
 
     async def commit_catalog(self, durable: bool) -> None:
         """End the open catalog transaction, never before the pack data it references
@@ -632,7 +659,7 @@ class Filesystem:
             try:
                 await self.group_commit()
                 now = time.monotonic()
-                if self._logged and (self.intent.size > INTENT_LOG_RETIRE
+                if self._logged and (self.intent.end > INTENT_LOG_RETIRE
                                      or now - self._log_since > self.dirty_expire):
                     await self.retire_log()
                 await self.trim_pool(now)
@@ -791,7 +818,7 @@ class Filesystem:
         result["fsync"] = {"logged": self.fsync_counts["logged"],
                            "stored": self.fsync_counts["stored"],
                            "clean": self.fsync_counts["clean"],
-                           "intent_log_bytes": self.intent.size if self.intent else 0}
+                           "intent_log_bytes": self.intent.end if self.intent else 0}
         for key, fn in self.extra_stats.items():
             result[key] = fn()
         return result

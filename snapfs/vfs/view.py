@@ -94,6 +94,7 @@ class DirtyChunk:
     # holds that fsynced content, so the log must not be retired yet.
     log_seq: int = 0
     stored_log: int = 0
+    logged_gen: int = -1  # gen when a record last took it: unchanged since, not logged again
 
 
 SMALL_BUFFER = 32 * 1024  # a new chunk's first write ending here or before gets a small buffer
@@ -200,12 +201,13 @@ class Inode:
     stored_end: int = 0
     row_short: bool = False
     # For an fsync through the intent log (vfs/fs.py): the catalog commit that will carry
-    # the node's last row change (Catalog.commits when it was written; rows loaded from
-    # the catalog count as 0), the attributes of its last row other than size and times,
-    # and truncates under way.
-    row_txn: int = 0
+    # the node's last row change other than size and times (Catalog.commits when it was
+    # written; when the node was loaded, for rows loaded), the attributes of its last row
+    # other than size and times, and truncates under way.
+    row_txn: int = 1 << 62  # unknown: never durable
     saved_meta: tuple = ()
     truncating: int = 0
+    logged_attrs: tuple = ()  # (size, mtime_ns, ctime_ns) of its last intent record
 
     def __post_init__(self) -> None:
         self.stored_end = self.size
@@ -400,7 +402,12 @@ class View:
                         self.meta.target_enc(node.ino, row[9])))
         node.dirty, node.row_short = False, size < node.size
         node.stored_end = max(node.stored_end, size)  # all of it is in the catalog now
-        node.saved_meta, node.row_txn = node.meta_row(), self.cat.commits
+        meta = node.meta_row()
+        if meta != node.saved_meta:
+            # a row that changes only size and times need not be durable for a logged
+            # fsync: the record carries them (a group commit saves the row of a file being
+            # written every 2 s, and each would have made its next fsync a stored one)
+            node.saved_meta, node.row_txn = meta, self.cat.commits
 
     def row_size(self, node: Inode) -> int:
         """The size the inode row may say: node.size, but not past data that is still
@@ -451,7 +458,7 @@ class View:
         now = now_ns()
         size = len(target) if target is not None else 0
         node = Inode(self.graph.alloc_ino(), mode, 2 if stat.S_ISDIR(mode) else 1, uid, gid,
-                     size, now, now, now, rdev, target)
+                     size, now, now, now, rdev, target, row_txn=self.cat.commits)
         if node.is_dir:
             node.entries = {}
         self.inodes[node.ino] = node
@@ -540,7 +547,8 @@ class View:
         for ino, (_, *fields) in best.items():
             if ino not in self.inodes and fields[1] != 0:
                 fields[-1] = self.meta.target_dec(ino, fields[-1])
-                self.inodes[ino] = Inode(*fields)
+                node = self.inodes[ino] = Inode(*fields)
+                node.row_txn = self.cat.commits
 
     def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, **kw) -> Inode:
         _check_name(name)
@@ -918,6 +926,7 @@ class View:
             self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
                            (ino, self.meta.xname_enc(ino, name), self.draft_id(),
                             self.meta.xvalue_enc(ino, name, bytes(value))))
+            node.row_txn = self.cat.commits
         self._touch(node, mtime=False)
         self._save(node)
 
@@ -930,6 +939,7 @@ class View:
         if not node.rowless:
             self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,NULL)",
                            (ino, self.meta.xname_enc(ino, name), self.draft_id()))
+            node.row_txn = self.cat.commits
         self._touch(node, mtime=False)
         self._save(node)
 

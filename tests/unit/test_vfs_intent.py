@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import trio
 from unithelpers import CHUNK as CS
 from unithelpers import close_and_fsck, pattern, read_all, read_path, trio_test, write_file
 
@@ -57,7 +58,7 @@ def test_a_damaged_record_ends_the_log_and_a_wrong_key_is_an_error():
 def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
     log = IntentLog(str(tmp_path / "intent.log"), None)
     log.append(encode(record(1), None))
-    size = log.size
+    size = log.end
 
     def no_space(fd):
         raise OSError(28, "No space left on device")
@@ -66,9 +67,30 @@ def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         log.append(encode(record(2), None))
     monkeypatch.undo()
-    assert os.path.getsize(log.path) == size == log.size
+    assert log.end == size  # the next record goes where the failed one was
     log.append(encode(record(3), None))
     assert [r.seq for r in log.read()] == [1, 3]
+    assert [r.seq for r in IntentLog(log.path, None).read()] == [1, 3]
+
+
+def test_an_emptied_log_keeps_its_blocks_and_old_records_end_or_are_skipped(tmp_path):
+    """Records overwrite zeros written ahead (no size change to commit at each
+    fdatasync); emptying moves the end back, and what follows the new records is either
+    unreadable or older records (whose epoch the catalog has passed)."""
+    log = IntentLog(str(tmp_path / "intent.log"), None)
+    for k in range(1, 4):
+        log.append(encode(record(k, epoch=0), None))
+    allocated = os.path.getsize(log.path)
+    assert allocated > log.end
+    log.reset()
+    assert log.end == 0 and os.path.getsize(log.path) == allocated
+    log.append(encode(record(4, epoch=1, extents=()), None))
+    reread = IntentLog(log.path, None)
+    assert [(r.seq, r.epoch) for r in reread.read()][:1] == [(4, 1)]
+    assert all(r.epoch == 0 for r in reread.read()[1:])
+    assert reread.end >= log.end
+    log.reset(keep=False)
+    assert os.path.getsize(log.path) == 0
 
 
 # -- fsync through the log ---------------------------------------------------------------------
@@ -111,7 +133,7 @@ async def test_an_fsync_of_a_durable_file_is_logged_and_replayed_after_a_crash(
     fs2, applied = await reopen(repo_path)
     assert applied == 1
     assert await read_path(fs2.volume_view("v"), b"f") == bytes(data)
-    assert os.path.getsize(fs2.repo.paths.intent) == 0  # applied, stored, retired
+    assert fs2.intent.end == 0 and not fs2.pending_intents()  # applied, stored, retired
     assert await close_and_fsck(fs2, repo_path) == []
     fs3, applied = await reopen(repo_path)
     assert applied == 0  # never twice
@@ -166,12 +188,18 @@ async def test_what_cannot_go_through_the_log_is_stored(fs, view, repo_path):
     await view.write(f, 0, pattern(INTENT_RECORD_MAX + CS, seed=3))
     await fs.sync(view, f)  # too much for a record
     assert fs.fsync_counts["stored"] == 3 and not fs.fsync_counts["logged"]
+    f.opens += 1
     await view.write(f, 0, b"M")
-    fs.flush_inodes()  # a group commit: its row is in a commit not yet durable
-    await fs.commit_catalog(durable=False)
+    await fs.group_commit()  # saves its new size and times only: not a reason to store
     await view.write(f, 1, b"N")
     await fs.sync(view, f)
-    assert fs.fsync_counts["stored"] == 4 and not fs.fsync_counts["logged"]
+    assert fs.fsync_counts["stored"] == 3 and fs.fsync_counts["logged"] == 1
+    f.opens -= 1
+    await view.write(f, 0, b"O")
+    await fs.group_commit()  # stores the closed file's chunk: a block row not durable yet
+    await view.write(f, 1, b"P")
+    await fs.sync(view, f)
+    assert fs.fsync_counts["stored"] == 4 and fs.fsync_counts["logged"] == 1
     assert await close_and_fsck(fs, repo_path) == []
 
 
@@ -244,9 +272,9 @@ async def test_the_log_is_emptied_when_its_records_are_retired(fs, view, repo_pa
     f.opens += 1
     await view.write(f, 0, b"q" * PAGE)
     await fs.sync(view, f)
-    assert fs.intent.size > 0
+    assert fs.intent.end > 0
     await fs.retire_log()
-    assert fs.intent.size == 0 and os.path.getsize(fs.repo.paths.intent) == 0
+    assert fs.intent.end == 0 and not fs.pending_intents()
     assert not f.buffers
     crash(fs)
     fs2, applied = await reopen(repo_path)
@@ -262,7 +290,70 @@ async def test_unmount_leaves_an_empty_log(fs, view, repo_path):
     await fs.sync(view, f)
     assert fs.fsync_counts["logged"] == 1
     await fs.shutdown()
-    assert fs.intent.size == 0
+    assert os.path.getsize(fs.repo.paths.intent) == 0
     assert await read_all(view, f) == pattern(2 * CS, seed=8)[:CS] + b"r" * 100 + \
         pattern(2 * CS, seed=8)[CS + 100:]
     assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_records_hold_only_what_changed_since_the_last_one(fs, view, repo_path):
+    """Each fsync logs the chunks written since the file's last record: a database that
+    fsyncs after every write of a few bytes keeps going through the log long after its
+    dirty data outgrew one record."""
+    n = 2 * INTENT_RECORD_MAX // CS
+    data = bytearray(pattern(n * CS, seed=10))
+    f = await durable_file(fs, view, b"db", bytes(data))
+    f.opens += 1
+    for k in range(n):
+        at = k * CS + (k * 37) % (CS - 8)
+        await view.write(f, at, b"%08d" % k)
+        data[at:at + 8] = b"%08d" % k
+        await fs.sync(view, f)
+    assert fs.fsync_counts["logged"] == n and fs.fsync_counts["stored"] == 1
+    assert sum(len(b.data or b"") for b in f.buffers.values()) > INTENT_RECORD_MAX
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == n
+    assert await read_path(fs2.volume_view("v"), b"db") == bytes(data)
+    assert await close_and_fsck(fs2, repo_path) == []
+
+
+def test_an_encrypted_repository_seals_its_records_and_replays_them(tmp_path):
+    from snapfs.crypto import keys
+    from snapfs.fsck import fsck
+    from snapfs.store.repo import init_repository
+
+    key_file = os.urandom(32)
+    wrapped = keys.wrap_with_key_file(keys.new_master(), key_file)
+    path = str(tmp_path / "repo")
+    init_repository(path, CS, {"scheme": "aes-256-gcm", "wrapped": wrapped})
+    secret = b"written in the intent log"
+
+    async def before_crash():
+        fs = Filesystem(Repository(path, secret=key_file))
+        await fs.recover()
+        fs.graph.create_volume("v")
+        view = fs.volume_view("v")
+        f = await durable_file(fs, view, b"f", pattern(2 * CS, seed=11))
+        f.opens += 1
+        await view.write(f, CS, secret)
+        await fs.sync(view, f)
+        assert fs.fsync_counts["logged"] == 1
+        crash(fs)
+
+    async def after_crash():
+        with open(os.path.join(path, "intent.log"), "rb") as log:
+            assert secret not in log.read()
+        with pytest.raises(IntegrityError):
+            IntentLog(os.path.join(path, "intent.log"), Aead(os.urandom(32))).read()
+        fs, applied = await reopen(path, secret=key_file)
+        assert applied == 1
+        got = await read_path(fs.volume_view("v"), b"f")
+        assert got[CS:CS + len(secret)] == secret
+        await fs.sync()
+        fs.repo.close()
+        assert fsck(path, secret=key_file) == []
+
+    trio.run(before_crash)
+    trio.run(after_crash)
