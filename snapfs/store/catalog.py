@@ -25,6 +25,9 @@ is the nearest ancestor-or-self of v (see vfs/view.py).
         A chunk in no vertex's added set is held by nothing: garbage for the collector.
     site_keys(site, wrapped)   keys of remote sites, wrapped under a repository key
     imports(bundle, vertex, imported)   bundles already imported (a replay is a no-op)
+    intent_files(vertex, ino, seq)   the last intent-log record of a file that the rows
+        hold since: its records up to seq never apply again (vfs/fs.py). Emptied with
+        each new meta.intent_epoch.
     vertex_chunks(vertex, chunk, refs, presence)
         refs: change in the number of references to chunk in this vertex vs its parent;
         presence: +1 chunk entered C(v) here (in delta), -1 left it, 0 no change.
@@ -127,6 +130,10 @@ CREATE TABLE IF NOT EXISTS vertex_chunks (
 CREATE INDEX IF NOT EXISTS vertex_chunks_by_chunk ON vertex_chunks (chunk, vertex);
 CREATE TABLE IF NOT EXISTS site_keys (site TEXT PRIMARY KEY, wrapped TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS imports (bundle TEXT PRIMARY KEY, vertex INTEGER, imported REAL);
+CREATE TABLE IF NOT EXISTS intent_files (
+    vertex INTEGER NOT NULL, ino INTEGER NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (vertex, ino)
+) WITHOUT ROWID;
 """
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import xxhash
@@ -133,9 +133,13 @@ class IntentLog:
     a time (the filesystem's sync lock), so records land in seq order.
     """
 
-    def __init__(self, path: str, aead: Aead | None) -> None:
+    def __init__(self, path: str, aead: Aead | None,
+                 check_space: Callable[[int], None] | None = None) -> None:
         self.path = path
         self.aead = aead
+        # raises ENOSPC unless that many bytes fit beside the catalog's reserve
+        # (PackStore.check_space): the log must not take the room metadata needs
+        self.check_space = check_space
         self._fd: int | None = None
         data = self._read()
         self.end = max((end for *_, end in _frames(data)), default=0)
@@ -164,6 +168,8 @@ class IntentLog:
         at = self.end
         if at + len(blob) > self.allocated:
             grow = max(PREALLOC, at + len(blob) - self.allocated)
+            if self.check_space is not None:
+                self.check_space(grow)
             _write_all(fd, bytes(grow), self.allocated)
             self.allocated += grow
         _write_all(fd, blob, at)

@@ -147,7 +147,11 @@ class Filesystem:
         # current epoch, _log_top the highest epoch in the log file, _durable_epoch the
         # catalog's epoch at its last durable commit.
         self.durable_commits = 0
-        self.intent = IntentLog(repo.paths.intent, repo.chunks.aead) if intent_log else None
+        packs = repo.packs
+        self.intent = IntentLog(repo.paths.intent, repo.chunks.aead,
+                                lambda n: packs.check_space(n, packs.reserve)
+                                ) if intent_log else None
+        self._log_failure = Every(60.0)  # "the intent log could not be written"
         self._intent_epoch = int(self.cat.meta_get("intent_epoch", 0))
         self._durable_epoch = -1
         self._log_top = -1
@@ -401,15 +405,17 @@ class Filesystem:
     async def _sync_by_log(self, view: View, node: Inode) -> bool:
         """fsync through the intent log; False when it cannot (then it is stored).
 
-        A record holds every dirty page of the file, its size and times: with the rows
-        durable, the catalog plus the records in order give the file as it was at this
-        fsync. Records are appended one at a time under the sync lock, in seq order."""
+        A record holds the file's data written since its last record, its size and
+        times: with the rows durable, the catalog plus the live records in order give
+        the file as it was at this fsync. Records are appended one at a time under the
+        sync lock, in seq order. Nothing to append (no data, and size and times durable
+        or in a live record already): nothing to do."""
         if not self._loggable(view, node):
             return False
         async with self._sync_lock:
             if not self._loggable(view, node):
                 return False
-            if not node.buffers and not node.dirty:
+            if not node.buffers and not node.dirty and node.attrs_txn < self.durable_commits:
                 self.fsync_counts["clean"] += 1  # everything is durable already
                 return True
             built = self._intent_record(view, node)
@@ -423,14 +429,19 @@ class Filesystem:
             try:
                 await trio.to_thread.run_sync(self.intent.append, blob)
             except OSError as e:
-                log.warning("the intent log could not be written (%s); fsync stores instead", e)
+                # a full disk is the store's to report (ENOSPC, if the data cannot be
+                # stored either); anything else once a minute
+                if not is_disk_full(e) and self._log_failure():
+                    log.warning("the intent log could not be written (%s); fsync stores "
+                                "instead", e)
                 return False
             for buf, gen in taken:
                 buf.logged_gen = gen
             node.logged_attrs = (rec.size, rec.mtime_ns, rec.ctime_ns)
+            node.log_last = rec.seq
             if not self._logged:
                 self._log_since = time.monotonic()
-            self._logged[(id(view), node.ino)] = (view, node)
+            self._logged[(rec.vertex, node.ino)] = (view, node)
             self._log_top = max(self._log_top, rec.epoch)
             self.fsync_counts["logged"] += 1
             return True
@@ -473,16 +484,25 @@ class Filesystem:
     def is_logged(self, node: Inode) -> bool:
         return any(n is node for _, n in self._logged.values())
 
-    def _log_covered(self) -> bool:
-        """Every page a live record holds is in a chunk whose block row is written (a
-        store that froze the buffer after the record was made), or gone with its file."""
-        for view, node in self._logged.values():
+    def _retire_covered(self) -> None:
+        """In the transaction about to commit: the files whose every logged page is in
+        a stored chunk whose block row it holds (a store that froze the buffer after the
+        record: DirtyChunk.stored_log) get their last seq in intent_files, and their
+        records never apply again. A file's records must stop applying as soon as its
+        rows hold them: a later fsync that stores (not logs) makes newer data durable,
+        which a replay of the old record would overwrite. Files deleted, or whose tree
+        went, need no row: their records find nothing to apply to."""
+        for key, (view, node) in list(self._logged.items()):
             if view.dropped or node.rowless:
-                continue
-            for buf in node.buffers.values():
-                if buf.log_seq > buf.stored_log:
-                    return False
-        return True
+                del self._logged[key]
+            elif all(b.log_seq <= b.stored_log for b in node.buffers.values()):
+                self.cat.write("INSERT OR REPLACE INTO intent_files VALUES (?,?,?)",
+                               (key[0], key[1], node.log_last))
+                del self._logged[key]
+
+    def _retired_seqs(self) -> dict[tuple[int, int], int]:
+        return {(v, ino): seq for v, ino, seq in
+                self.cat.execute("SELECT vertex, ino, seq FROM intent_files")}
 
     def _uncovered(self) -> list[tuple[View, Inode, int]]:
         return [(v, n, idx) for v, n in self._logged.values() if not v.dropped and not n.rowless
@@ -522,7 +542,9 @@ class Filesystem:
         """The log's records that the catalog does not hold yet (they apply at recover)."""
         if self.intent is None:
             return []
-        return [r for r in self.intent.read() if r.epoch >= self._intent_epoch]
+        done = self._retired_seqs()
+        return [r for r in self.intent.read() if r.epoch >= self._intent_epoch
+                and r.seq > done.get((r.vertex, r.ino), 0)]
 
     async def recover(self) -> int:
         """Apply the intent log after the last writer died: the records whose epoch is
@@ -534,12 +556,18 @@ class Filesystem:
             return 0
         records = await trio.to_thread.run_sync(self.intent.read)
         self._log_top = max((r.epoch for r in records), default=-1)
+        done = self._retired_seqs()
+        # seqs go on from the highest seen: intent_files compares them
+        self._log_seq = max([self._log_seq, *(r.seq for r in records), *done.values()])
         applied = 0
         for rec in records:
-            if rec.epoch >= self._intent_epoch and await self._apply(rec):
+            if (rec.epoch >= self._intent_epoch and rec.seq > done.get((rec.vertex, rec.ino), 0)
+                    and await self._apply(rec)):
                 applied += 1
         await self.flush_dirty()
-        self._retire_pending = applied > 0
+        # retire them even if none applied (their files were deleted or sealed since):
+        # otherwise every opening would read them again
+        self._retire_pending = any(r.epoch >= self._intent_epoch for r in records)
         async with self._sync_lock:
             await self.commit_catalog(durable=True)
             await self._reset_log_if_retired()
@@ -597,16 +625,19 @@ class Filesystem:
             self._durable_epoch = max(self._durable_epoch, epoch)
 
     def _commit_now(self) -> None:
-        """Write the inode rows and commit, raising the intent log's epoch in the same
-        transaction when every live record is covered by stored rows (_log_covered):
-        from then on the catalog holds all that the log does. The epoch counts as raised
-        at once: a commit that SQLite refuses is redone with the next one."""
+        """Write the inode rows and commit, retiring the intent-log records its rows hold
+        (_retire_covered). When no file has a live record left, the epoch is raised in
+        the same transaction (and intent_files emptied): from then on the catalog holds
+        all that the log does, and once that commit is durable the log is emptied. Both
+        count as done at once: a commit that SQLite refuses is redone with the next one."""
         self.flush_inodes()
-        if (self._logged or self._retire_pending) and self._log_covered():
-            self._intent_epoch += 1
-            self.cat.meta_set("intent_epoch", self._intent_epoch)
-            self._logged.clear()
-            self._retire_pending = False
+        if self._logged or self._retire_pending:
+            self._retire_covered()
+            if not self._logged:
+                self._intent_epoch += 1
+                self.cat.meta_set("intent_epoch", self._intent_epoch)
+                self.cat.write("DELETE FROM intent_files")
+                self._retire_pending = False
         self.cat.commit()
 
     async def group_commit(self) -> None:

@@ -205,9 +205,11 @@ class Inode:
     # written; when the node was loaded, for rows loaded), the attributes of its last row
     # other than size and times, and truncates under way.
     row_txn: int = 1 << 62  # unknown: never durable
+    attrs_txn: int = 1 << 62  # the same for its last row save of any kind (size, times)
     saved_meta: tuple = ()
     truncating: int = 0
     logged_attrs: tuple = ()  # (size, mtime_ns, ctime_ns) of its last intent record
+    log_last: int = 0  # the seq of its last intent record
 
     def __post_init__(self) -> None:
         self.stored_end = self.size
@@ -340,7 +342,7 @@ class View:
                 fresh.opens, fresh.orphan = node.opens, fresh.nlink == 0
                 for name in Inode.__slots__:  # same object: open handles refer to it
                     setattr(node, name, getattr(fresh, name))
-                node.row_txn = self.cat.commits
+                node.row_txn = node.attrs_txn = self.cat.commits
             kept[ino] = node
         self.inodes = kept
         self.dirty_inodes.clear()
@@ -387,7 +389,7 @@ class View:
         node.orphan = node.nlink == 0  # left by a crash: its references are already gone
         # its rows may be in a commit not yet durable (a node forgotten and looked up
         # again): durable from the next durable commit on (Filesystem._loggable)
-        node.row_txn = self.cat.commits
+        node.row_txn = node.attrs_txn = self.cat.commits
         self.inodes[ino] = node
         return node
 
@@ -402,6 +404,7 @@ class View:
                         self.meta.target_enc(node.ino, row[9])))
         node.dirty, node.row_short = False, size < node.size
         node.stored_end = max(node.stored_end, size)  # all of it is in the catalog now
+        node.attrs_txn = self.cat.commits
         meta = node.meta_row()
         if meta != node.saved_meta:
             # a row that changes only size and times need not be durable for a logged
@@ -548,7 +551,7 @@ class View:
             if ino not in self.inodes and fields[1] != 0:
                 fields[-1] = self.meta.target_dec(ino, fields[-1])
                 node = self.inodes[ino] = Inode(*fields)
-                node.row_txn = self.cat.commits
+                node.row_txn = node.attrs_txn = self.cat.commits
 
     def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, **kw) -> Inode:
         _check_name(name)

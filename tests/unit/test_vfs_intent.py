@@ -73,6 +73,25 @@ def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
     assert [r.seq for r in IntentLog(log.path, None).read()] == [1, 3]
 
 
+def test_the_log_grows_only_beside_the_catalogs_reserve(tmp_path):
+    """Writing zeros ahead takes disk space: it is checked like a pack append, and a
+    refusal leaves the log as it was (the fsync then stores, and reports ENOSPC if
+    that fails too)."""
+    room = [0]
+
+    def check_space(n):
+        if n > room[0]:
+            raise OSError(28, "No space left on device")
+
+    log = IntentLog(str(tmp_path / "intent.log"), None, check_space)
+    with pytest.raises(OSError):
+        log.append(encode(record(1), None))
+    assert log.end == 0 and log.allocated == 0
+    room[0] = 1 << 30
+    log.append(encode(record(2), None))
+    assert [r.seq for r in log.read()] == [2]
+
+
 def test_an_emptied_log_keeps_its_blocks_and_old_records_end_or_are_skipped(tmp_path):
     """Records overwrite zeros written ahead (no size change to commit at each
     fdatasync); emptying moves the end back, and what follows the new records is either
@@ -357,3 +376,56 @@ def test_an_encrypted_repository_seals_its_records_and_replays_them(tmp_path):
 
     trio.run(before_crash)
     trio.run(after_crash)
+
+
+@trio_test
+async def test_a_size_saved_by_a_group_commit_is_still_made_durable_by_fsync(
+        fs, view, repo_path):
+    """A row save that changes only size and times keeps the file loggable, but its
+    commit is not durable: an fsync after it must still log the size (a power loss
+    would take the group commit), not call the file clean."""
+    f = await durable_file(fs, view, b"f", pattern(2 * CS, seed=12))
+    f.opens += 1
+    await view.truncate(f, 5 * CS)  # extended: no dirty data, a new size
+    await fs.group_commit()  # saves the size, not durably
+    assert not f.buffers and not f.dirty
+    await fs.sync(view, f)
+    assert fs.fsync_counts["logged"] == 1 and not fs.fsync_counts["clean"]
+    (rec,) = fs.pending_intents()
+    assert rec.size == 5 * CS and rec.extents == ()
+    await fs.sync(view, f)  # now nothing is new
+    assert fs.fsync_counts["clean"] == 1
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_file_stored_since_its_record_is_not_overwritten_by_the_replay(
+        fs, view, repo_path):
+    """x's record says A; then x is written with B, stored and fsynced the stored way,
+    while another file's record keeps the log live. Replaying x's old record would put
+    A back over B, which fsync acknowledged: x's records stop applying in the commit
+    whose rows hold them (intent_files)."""
+    x = await durable_file(fs, view, b"x", pattern(2 * CS, seed=13))
+    g = await durable_file(fs, view, b"g", pattern(2 * CS, seed=14))
+    x.opens += 1
+    g.opens += 1
+    await view.write(x, 100, b"A" * 100)  # inside a chunk: it stays dirty while open
+    await fs.sync(view, x)
+    await view.write(g, 100, b"G" * 100)
+    await fs.sync(view, g)
+    assert fs.fsync_counts["logged"] == 2
+    await view.write(x, 100, b"B" * 100)
+    x.opens -= 1  # closed: the write-back stores it
+    await fs.group_commit()
+    assert not x.buffers and g.buffers
+    x.opens += 1
+    await view.write(x, 300, b"C" * 10)
+    await fs.sync(view, x)  # its block row is not durable: stored, not logged
+    assert fs.fsync_counts["logged"] == 2
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 1  # g's record only
+    got = await read_path(fs2.volume_view("v"), b"x")
+    assert got[100:200] == b"B" * 100 and got[300:310] == b"C" * 10
+    assert (await read_path(fs2.volume_view("v"), b"g"))[100:200] == b"G" * 100
+    assert await close_and_fsck(fs2, repo_path) == []
