@@ -24,6 +24,7 @@ not fsynced or committed; the catalog never references unstored data.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 import os
@@ -152,6 +153,8 @@ class Filesystem:
                                 lambda n: packs.check_space(n, packs.reserve)
                                 ) if intent_log else None
         self._log_failure = Every(60.0)  # "the intent log could not be written"
+        self._log_queue: list[_LogEntry] = []  # records made, waiting for _log_write
+        self._log_writing = False
         self._intent_epoch = int(self.cat.meta_get("intent_epoch", 0))
         self._durable_epoch = -1
         self._log_top = -1
@@ -407,9 +410,9 @@ class Filesystem:
 
         A record holds the file's data written since its last record, its size and
         times: with the rows durable, the catalog plus the live records in order give
-        the file as it was at this fsync. Records are appended one at a time under the
-        sync lock, in seq order. Nothing to append (no data, and size and times durable
-        or in a live record already): nothing to do."""
+        the file as it was at this fsync. Records are made under the sync lock, in seq
+        order, and written in that order by _log_write. Nothing to append (no data, and
+        size and times durable or in a live record already): nothing to do."""
         if not self._loggable(view, node):
             return False
         async with self._sync_lock:
@@ -425,26 +428,53 @@ class Filesystem:
             if not rec.extents and node.logged_attrs == (rec.size, rec.mtime_ns, rec.ctime_ns):
                 self.fsync_counts["clean"] += 1  # a live record says all of it already
                 return True
-            blob = intentlog.encode(rec, self.intent.aead)
-            try:
-                await trio.to_thread.run_sync(self.intent.append, blob)
-            except OSError as e:
-                # a full disk is the store's to report (ENOSPC, if the data cannot be
-                # stored either); anything else once a minute
-                if not is_disk_full(e) and self._log_failure():
-                    log.warning("the intent log could not be written (%s); fsync stores "
-                                "instead", e)
-                return False
-            for buf, gen in taken:
-                buf.logged_gen = gen
-            node.logged_attrs = (rec.size, rec.mtime_ns, rec.ctime_ns)
-            node.log_last = rec.seq
             if not self._logged:
                 self._log_since = time.monotonic()
             self._logged[(rec.vertex, node.ino)] = (view, node)
+            node.log_last = rec.seq
             self._log_top = max(self._log_top, rec.epoch)
-            self.fsync_counts["logged"] += 1
-            return True
+            entry = _LogEntry(intentlog.encode(rec, self.intent.aead))
+            self._log_queue.append(entry)
+        await self._log_write(entry)
+        if entry.error is not None:
+            # a full disk is the store's to report (ENOSPC, if the data cannot be stored
+            # either); anything else once a minute
+            if not is_disk_full(entry.error) and self._log_failure():
+                log.warning("the intent log could not be written (%s); fsync stores "
+                            "instead", entry.error)
+            return False
+        for buf, gen in taken:
+            buf.logged_gen = gen
+        node.logged_attrs = (rec.size, rec.mtime_ns, rec.ctime_ns)
+        self.fsync_counts["logged"] += 1
+        return True
+
+    async def _log_write(self, entry: _LogEntry) -> None:
+        """Group commit: the first fsync to arrive writes every queued record with one
+        fdatasync (in a worker thread); those arriving meanwhile wait and go in the next
+        batch together. With four fio jobs fsyncing their own files, one record per
+        fdatasync gave 1,275-1,324 IOPS against the yardstick's 1,997-2,473."""
+        if self._log_writing:
+            await entry.done.wait()
+            return
+        self._log_writing = True
+        try:
+            while self._log_queue:
+                batch, self._log_queue = self._log_queue, []
+                try:
+                    await trio.to_thread.run_sync(self.intent.append,
+                                                  b"".join(e.blob for e in batch))
+                except OSError as e:
+                    for waiter in batch:
+                        waiter.error = e
+                for waiter in batch:
+                    waiter.done.set()
+        finally:
+            self._log_writing = False
+            for waiter in self._log_queue:  # only if this task was cancelled
+                waiter.error = OSError(errno.EIO, "the intent log writer was cancelled")
+                waiter.done.set()
+            self._log_queue.clear()
 
     def _intent_record(self, view: View, node: Inode
                        ) -> tuple[IntentRecord, list[tuple[DirtyChunk, int]]] | None:
@@ -534,7 +564,8 @@ class Filesystem:
     async def _reset_log_if_retired(self) -> None:
         """Empty the log file once every record in it has an epoch below the durable
         catalog's (the caller holds the sync lock: no append meanwhile)."""
-        if self.intent is not None and self.intent.end and self._log_top < self._durable_epoch:
+        if (self.intent is not None and self.intent.end and self._log_top < self._durable_epoch
+                and not self._log_queue and not self._log_writing):
             await trio.to_thread.run_sync(self.intent.reset)
             self._log_top = -1
 
@@ -864,6 +895,17 @@ class Filesystem:
         if kind == "snapshot":
             return self.snapshot_view(name)
         raise NotFound(f"unknown view kind {kind}")
+
+
+class _LogEntry:
+    """A record waiting to be written to the intent log, and how that went."""
+
+    __slots__ = ("blob", "done", "error")
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.done = trio.Event()
+        self.error: OSError | None = None
 
 
 async def _disk_full_of(work: Awaitable[None]) -> BaseException | None:

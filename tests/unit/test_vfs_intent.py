@@ -429,3 +429,37 @@ async def test_a_file_stored_since_its_record_is_not_overwritten_by_the_replay(
     assert got[100:200] == b"B" * 100 and got[300:310] == b"C" * 10
     assert (await read_path(fs2.volume_view("v"), b"g"))[100:200] == b"G" * 100
     assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_concurrent_fsyncs_share_one_fdatasync(fs, view, repo_path, monkeypatch):
+    """Group commit: fsyncs that arrive while a record is being written go together in
+    the next write, and each returns only once its own record is durable."""
+    files = [await durable_file(fs, view, b"f%d" % k, pattern(2 * CS, seed=20 + k))
+             for k in range(6)]
+    writes: list[int] = []
+    real_append = fs.intent.append
+
+    def slow_append(blob):
+        writes.append(blob.count(b"SFIL"))
+        import time
+
+        time.sleep(0.02)
+        real_append(blob)
+
+    monkeypatch.setattr(fs.intent, "append", slow_append)
+    for k, f in enumerate(files):
+        f.opens += 1
+        await view.write(f, 100, b"%d" % k * 50)
+    async with trio.open_nursery() as nursery:
+        for f in files:
+            nursery.start_soon(fs.sync, view, f)
+    assert fs.fsync_counts["logged"] == 6
+    assert sum(writes) == 6 and len(writes) < 6, writes
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 6
+    for k in range(6):
+        got = await read_path(fs2.volume_view("v"), b"f%d" % k)
+        assert got[100:150] == b"%d" % k * 50
+    assert await close_and_fsck(fs2, repo_path) == []
