@@ -463,3 +463,21 @@ async def test_concurrent_fsyncs_share_one_fdatasync(fs, view, repo_path, monkey
         got = await read_path(fs2.volume_view("v"), b"f%d" % k)
         assert got[100:150] == b"%d" % k * 50
     assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_fsck_reports_pending_records_and_leaves_them(fs, view, repo_path):
+    from snapfs.fsck import fsck
+
+    f = await durable_file(fs, view, b"f", pattern(2 * CS, seed=30))
+    f.opens += 1
+    await view.write(f, 10, b"pending")
+    await fs.sync(view, f)
+    crash(fs)
+    said: list[str] = []
+    assert fsck(repo_path, out=said.append) == []
+    assert any("intent log: 1 fsynced write(s) not yet in the catalog" in s for s in said), said
+    fs2, applied = await reopen(repo_path)  # fsck applied nothing
+    assert applied == 1
+    assert (await read_path(fs2.volume_view("v"), b"f"))[10:17] == b"pending"
+    assert await close_and_fsck(fs2, repo_path) == []
