@@ -481,3 +481,28 @@ async def test_fsck_reports_pending_records_and_leaves_them(fs, view, repo_path)
     assert applied == 1
     assert (await read_path(fs2.volume_view("v"), b"f"))[10:17] == b"pending"
     assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_a_file_under_a_snapshot_directory_is_replayed_into_its_draft(
+        fs, view, repo_path):
+    """Writes under .snapshots/S go to a draft over S (never to S): its records name
+    that draft, and the replay writes there."""
+    await durable_file(fs, view, b"f", pattern(2 * CS, seed=31))
+    await fs.commit(view, "s")
+    snap = fs.snapshot_view("v@s")
+    f = snap.lookup(ROOT_INO, b"f")
+    await snap.write(f, 0, b"first")
+    await fs.sync(snap, f)  # its rows in the new draft are not durable yet: stored
+    f.opens += 1
+    await snap.write(f, 5, b"second")
+    await fs.sync(snap, f)
+    assert fs.fsync_counts["logged"] == 1
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 1
+    s2 = fs2.snapshot_view("v@s")
+    assert not s2.immutable  # the draft over the snapshot
+    assert (await read_path(s2, b"f"))[:11] == b"firstsecond"
+    assert (await read_path(fs2.volume_view("v"), b"f")) == pattern(2 * CS, seed=31)
+    assert await close_and_fsck(fs2, repo_path) == []
