@@ -31,7 +31,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
@@ -84,6 +84,10 @@ INTENT_RECORD_MAX = 256 << 10
 # ...and once the log holds this much, or its oldest record is dirty_expire old, the
 # background pass stores what only the log holds and empties it.
 INTENT_LOG_RETIRE = 64 << 20
+# A record of a file with at most this many dirty chunks looks at all of them; beyond,
+# only at those written since its last record (Inode.unlogged): with 883 dirty chunks
+# the look at all took 106 us of the 416 us of CPU of a 4 KiB write + fsync.
+SCAN_ALL_BUFFERS = 32
 
 MIN_DIRTY_LIMIT = 16 << 20
 MAX_DEFAULT_DIRTY_LIMIT = 4 << 30
@@ -433,7 +437,7 @@ class Filesystem:
             self._logged[(rec.vertex, node.ino)] = (view, node)
             node.log_last = rec.seq
             self._log_top = max(self._log_top, rec.epoch)
-            entry = _LogEntry(intentlog.encode(rec, self.intent.aead))
+            entry = _LogEntry(intentlog.encode(rec, self.intent.aead), node)
             self._log_queue.append(entry)
         await self._log_write(entry)
         if entry.error is not None:
@@ -465,14 +469,22 @@ class Filesystem:
                     await trio.to_thread.run_sync(self.intent.append,
                                                   b"".join(e.blob for e in batch))
                 except OSError as e:
+                    # the records made meanwhile may leave out chunks that only the
+                    # failed ones held (Inode.unlogged was cleared for them): they fail
+                    # too, and every file's unlogged chunks are known again at once
+                    batch += self._log_queue
+                    self._log_queue = []
                     for waiter in batch:
                         waiter.error = e
+                        waiter.node.unlogged.update(
+                            i for i, b in waiter.node.buffers.items() if b.logged_gen != b.gen)
                 for waiter in batch:
                     waiter.done.set()
         finally:
             self._log_writing = False
             for waiter in self._log_queue:  # only if this task was cancelled
                 waiter.error = OSError(errno.EIO, "the intent log writer was cancelled")
+                waiter.node.unlogged.update(waiter.node.buffers)
                 waiter.done.set()
             self._log_queue.clear()
 
@@ -487,7 +499,14 @@ class Filesystem:
         extents: list[tuple[int, bytes]] = []
         total = 0
         taken: list[tuple[DirtyChunk, int]] = []
-        for idx, buf in node.buffers.items():  # any order: extents never overlap
+        # the chunks written since the last record (a small file: all its chunks,
+        # whatever the set says); any order: extents never overlap
+        if len(node.buffers) <= SCAN_ALL_BUFFERS:
+            idxs: Iterable[int] = list(node.buffers)
+        else:
+            idxs = [i for i in node.unlogged if i in node.buffers]
+        for idx in idxs:
+            buf = node.buffers[idx]
             if buf.logged_gen == buf.gen:
                 continue
             base = idx * cs
@@ -504,6 +523,7 @@ class Filesystem:
             taken.append((buf, buf.gen))
             if total > INTENT_RECORD_MAX:
                 return None
+        node.unlogged.clear()  # what is written from now on goes in the next record
         self._log_seq += 1
         for buf, _ in taken:
             buf.log_seq = self._log_seq
@@ -900,10 +920,11 @@ class Filesystem:
 class _LogEntry:
     """A record waiting to be written to the intent log, and how that went."""
 
-    __slots__ = ("blob", "done", "error")
+    __slots__ = ("blob", "node", "done", "error")
 
-    def __init__(self, blob: bytes) -> None:
+    def __init__(self, blob: bytes, node: Inode) -> None:
         self.blob = blob
+        self.node = node
         self.done = trio.Event()
         self.error: OSError | None = None
 

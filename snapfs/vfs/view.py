@@ -210,6 +210,9 @@ class Inode:
     truncating: int = 0
     logged_attrs: tuple = ()  # (size, mtime_ns, ctime_ns) of its last intent record
     log_last: int = 0  # the seq of its last intent record
+    # chunks written since its last intent record (every `buf.gen += 1` adds its idx):
+    # an fsync of a file with a thousand dirty chunks need not look at each of them
+    unlogged: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.stored_end = self.size
@@ -1141,6 +1144,7 @@ class View:
                 return
         buf.length = min(buf.length, tail)
         buf.gen += 1
+        node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
 
     async def buffer(self, node: Inode, idx: int, *, whole: bool = False,
                      need: int = 0, sparse: bool = False) -> DirtyChunk:
@@ -1367,6 +1371,7 @@ class View:
                 return None
             self._write_pages(buf, start, data)  # whole pages into a sparse chunk
             buf.gen += 1
+            node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
             self._written(node, end)
             return n
         stop = start + n
@@ -1383,6 +1388,7 @@ class View:
         if stop > buf.length:
             buf.length = stop
         buf.gen += 1
+        node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
         self._written(node, end)
         return n
 
@@ -1408,6 +1414,7 @@ class View:
             if buf.data is None:
                 self._write_pages(buf, start, view[pos - offset:pos - offset + stop - start])
                 buf.gen += 1
+                node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
                 pos = idx * cs + stop
                 continue
             if buf.frozen or stop > len(buf.data):
@@ -1422,6 +1429,7 @@ class View:
             if stop > buf.length:
                 buf.length = stop
             buf.gen += 1
+            node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
             pos = idx * cs + stop
         if end > node.size:
             node.size = end

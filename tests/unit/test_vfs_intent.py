@@ -506,3 +506,105 @@ async def test_a_file_under_a_snapshot_directory_is_replayed_into_its_draft(
     assert (await read_path(s2, b"f"))[:11] == b"firstsecond"
     assert (await read_path(fs2.volume_view("v"), b"f")) == pattern(2 * CS, seed=31)
     assert await close_and_fsck(fs2, repo_path) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_replay_gives_the_file_as_at_its_last_fsync(tmp_path, seed):
+    """Random page writes (sparse chunks: 16 KiB chunks here, four pages each) and
+    partial writes over more chunks than a record scans whole (so the record takes the
+    chunks written since the last one: Inode.unlogged), fsyncs between, then a crash:
+    the replay must give exactly the content at the last fsync."""
+    import random
+
+    from snapfs.store.repo import init_repository
+
+    cs = 4 * PAGE
+    path = str(tmp_path / "repo")
+    init_repository(path, cs)
+    rng = random.Random(seed)
+    nchunks = 3 * 32
+    data = bytearray(pattern(nchunks * cs, seed=40 + seed))
+
+    async def before_crash():
+        fs = Filesystem(Repository(path))
+        await fs.recover()
+        fs.graph.create_volume("v")
+        view = fs.volume_view("v")
+        f = await durable_file(fs, view, b"f", bytes(data))
+        f.opens += 1
+        for _ in range(600):
+            op = rng.random()
+            if op < 0.5:  # a whole page
+                at = rng.randrange(nchunks * 4) * PAGE
+                piece = rng.randbytes(PAGE)
+            elif op < 0.8:  # a few bytes anywhere
+                at = rng.randrange(len(data) - 64)
+                piece = rng.randbytes(rng.randrange(1, 64))
+            else:
+                await fs.sync(view, f)
+                continue
+            await view.write(f, at, piece)
+            data[at:at + len(piece)] = piece
+        await fs.sync(view, f)
+        # (a long run of writes between two fsyncs can outgrow a record: then it stores)
+        assert fs.fsync_counts["logged"] > 10 * fs.fsync_counts["stored"]
+        assert any(b.data is None for b in f.buffers.values())  # sparse chunks were made
+        crash(fs)
+
+    async def after_crash():
+        fs2, _ = await reopen(path)
+        assert await read_path(fs2.volume_view("v"), b"f") == bytes(data)
+        assert await close_and_fsck(fs2, path) == []
+
+    trio.run(before_crash)
+    trio.run(after_crash)
+
+
+@trio_test
+async def test_a_failed_log_write_fails_the_records_made_meanwhile_too(
+        fs, view, repo_path, monkeypatch):
+    """A record made while an earlier one was being written leaves out the chunks that
+    the earlier one held. When that write fails, both fsyncs store instead (and what a
+    later record takes is complete again)."""
+    nchunks = 2 * 32
+    data = bytearray(pattern(nchunks * CS, seed=50))
+    f = await durable_file(fs, view, b"f", bytes(data))
+    f.opens += 1
+    real_append = fs.intent.append
+    calls = []
+
+    def failing_append(blob):
+        calls.append(len(blob))
+        import time
+
+        time.sleep(0.05)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real_append(blob)
+
+    monkeypatch.setattr(fs.intent, "append", failing_append)
+    for k in range(40):  # more dirty chunks than a record scans whole
+        await view.write(f, k * CS + 7, b"a%02d" % k)
+        data[k * CS + 7:k * CS + 10] = b"a%02d" % k
+
+    async def second():
+        await trio.sleep(0.01)  # while the first record is being written
+        await view.write(f, 50 * CS + 7, b"bbb")
+        data[50 * CS + 7:50 * CS + 10] = b"bbb"
+        await fs.sync(view, f)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.sync, view, f)
+        nursery.start_soon(second)
+    assert fs.fsync_counts["stored"] == 3 and not fs.fsync_counts["logged"]
+    await view.write(f, 60 * CS + 7, b"ccc")
+    data[60 * CS + 7:60 * CS + 10] = b"ccc"
+    await fs.sync(view, f)  # rows not durable yet after the stored ones? then stored
+    await view.write(f, 61 * CS + 7, b"ddd")
+    data[61 * CS + 7:61 * CS + 10] = b"ddd"
+    await fs.sync(view, f)
+    assert fs.fsync_counts["logged"] >= 1
+    crash(fs)
+    fs2, _ = await reopen(repo_path)
+    assert await read_path(fs2.volume_view("v"), b"f") == bytes(data)
+    assert await close_and_fsck(fs2, repo_path) == []
