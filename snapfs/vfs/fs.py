@@ -462,6 +462,7 @@ class Filesystem:
             await entry.done.wait()
             return
         self._log_writing = True
+        batch: list[_LogEntry] = []
         try:
             while self._log_queue:
                 batch, self._log_queue = self._log_queue, []
@@ -474,18 +475,15 @@ class Filesystem:
                     # too, and every file's unlogged chunks are known again at once
                     batch += self._log_queue
                     self._log_queue = []
-                    for waiter in batch:
-                        waiter.error = e
-                        waiter.node.unlogged.update(
-                            i for i, b in waiter.node.buffers.items() if b.logged_gen != b.gen)
+                    _fail(batch, e)
                 for waiter in batch:
                     waiter.done.set()
+                batch = []
         finally:
             self._log_writing = False
-            for waiter in self._log_queue:  # only if this task was cancelled
-                waiter.error = OSError(errno.EIO, "the intent log writer was cancelled")
-                waiter.node.unlogged.update(waiter.node.buffers)
-                waiter.done.set()
+            # only if this task was cancelled: whatever it did not finish stores instead
+            _fail([w for w in batch + self._log_queue if not w.done.is_set()],
+                  OSError(errno.EIO, "the intent log writer was cancelled"))
             self._log_queue.clear()
 
     def _intent_record(self, view: View, node: Inode
@@ -915,6 +913,16 @@ class Filesystem:
         if kind == "snapshot":
             return self.snapshot_view(name)
         raise NotFound(f"unknown view kind {kind}")
+
+
+def _fail(entries: list[_LogEntry], error: OSError) -> None:
+    """These records were not written: their fsyncs store instead, and their files'
+    chunks that no written record holds are unlogged again."""
+    for entry in entries:
+        entry.error = error
+        entry.node.unlogged.update(
+            i for i, b in entry.node.buffers.items() if b.logged_gen != b.gen)
+        entry.done.set()
 
 
 class _LogEntry:

@@ -608,3 +608,42 @@ async def test_a_failed_log_write_fails_the_records_made_meanwhile_too(
     fs2, _ = await reopen(repo_path)
     assert await read_path(fs2.volume_view("v"), b"f") == bytes(data)
     assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_an_fsync_waiting_behind_a_cancelled_log_writer_does_not_hang(
+        fs, view, repo_path, monkeypatch):
+    f = await durable_file(fs, view, b"f", pattern(2 * CS, seed=60))
+    f.opens += 1
+    real_append = fs.intent.append
+
+    def slow_append(blob):
+        import time
+
+        time.sleep(0.05)
+        real_append(blob)
+
+    monkeypatch.setattr(fs.intent, "append", slow_append)
+    await view.write(f, 10, b"first")
+    scope = trio.CancelScope()
+
+    async def first():
+        with scope:
+            await fs.sync(view, f)
+
+    async def second():
+        await view.write(f, CS + 10, b"second")
+        with trio.fail_after(10):
+            await fs.sync(view, f)  # queued behind the first write: must return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.sleep(0.01)
+        nursery.start_soon(second)
+        await trio.sleep(0.01)
+        scope.cancel()
+    crash(fs)
+    fs2, _ = await reopen(repo_path)
+    got = await read_path(fs2.volume_view("v"), b"f")
+    assert got[CS + 10:CS + 16] == b"second"  # the second fsync returned: durable
+    assert await close_and_fsck(fs2, repo_path) == []
