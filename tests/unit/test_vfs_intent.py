@@ -647,3 +647,27 @@ async def test_an_fsync_waiting_behind_a_cancelled_log_writer_does_not_hang(
     got = await read_path(fs2.volume_view("v"), b"f")
     assert got[CS + 10:CS + 16] == b"second"  # the second fsync returned: durable
     assert await close_and_fsck(fs2, repo_path) == []
+
+
+@trio_test
+async def test_fsync_of_an_unlinked_open_file_makes_only_the_unlink_durable(
+        fs, view, repo_path):
+    """No name reaches its data again, and the next mount after a crash releases it:
+    only the unlink is made durable, once."""
+    f = await write_file(view, b"tmp", pattern(3 * CS, seed=70))
+    f.opens += 1
+    view.unlink(ROOT_INO, b"tmp")
+    await view.write(f, 0, b"more")
+    commits = fs.cat.commits
+    await fs.sync(view, f)
+    assert fs.fsync_counts == {"unlinked": 1}
+    assert f.buffers  # nothing was stored for it
+    assert fs.cat.commits > commits and fs.durable_commits == fs.cat.commits  # the unlink
+    await fs.sync(view, f)
+    assert fs.cat.commits == fs.durable_commits  # durable already: nothing to do
+    assert await read_all(view, f) == b"more" + pattern(3 * CS, seed=70)[4:]
+    crash(fs)
+    fs2, applied = await reopen(repo_path)
+    assert applied == 0
+    assert b"tmp" not in fs2.volume_view("v").entries(fs2.volume_view("v").get(ROOT_INO))
+    assert await close_and_fsck(fs2, repo_path) == []
