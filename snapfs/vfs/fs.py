@@ -457,8 +457,12 @@ class Filesystem:
                 log.warning("the intent log could not be written (%s); fsync stores "
                             "instead", entry.error)
             return False
-        for buf, gen in taken:
+        for buf, gen, fresh in taken:
             buf.logged_gen = gen
+            if fresh and buf.pages is not None:
+                if buf.logged_pages is None:
+                    buf.logged_pages = {}
+                buf.logged_pages.update(fresh)
         node.logged_attrs = (rec.size, rec.mtime_ns, rec.ctime_ns)
         self.fsync_counts["logged"] += 1
         return True
@@ -496,8 +500,8 @@ class Filesystem:
                   OSError(errno.EIO, "the intent log writer was cancelled"))
             self._log_queue.clear()
 
-    def _intent_record(self, view: View, node: Inode
-                       ) -> tuple[IntentRecord, list[tuple[DirtyChunk, int]]] | None:
+    def _intent_record(self, view: View, node: Inode) -> tuple[
+            IntentRecord, list[tuple[DirtyChunk, int, list[tuple[int, bytes]]]]] | None:
         """The record of node's dirty data not in a live record yet (a buffer written
         since its last record: DirtyChunk.logged_gen), size and times, with the buffers
         it takes and their gens; None when that is more than INTENT_RECORD_MAX. Its
@@ -506,7 +510,7 @@ class Filesystem:
         cs, size = self.chunk_size, node.size
         extents: list[tuple[int, bytes]] = []
         total = 0
-        taken: list[tuple[DirtyChunk, int]] = []
+        taken: list[tuple[DirtyChunk, int, list[tuple[int, bytes]]]] = []
         # the chunks written since the last record (a small file: all its chunks,
         # whatever the set says); any order: extents never overlap
         if len(node.buffers) <= SCAN_ALL_BUFFERS:
@@ -518,22 +522,25 @@ class Filesystem:
             if buf.logged_gen == buf.gen:
                 continue
             base = idx * cs
-            if buf.data is None:  # sparse: its pages
-                for p in sorted(buf.pages or ()):
+            fresh: list[tuple[int, bytes]] = []
+            if buf.data is None:  # sparse: its pages not in a record yet
+                logged = buf.logged_pages or {}
+                for p, page in sorted((buf.pages or {}).items()):
                     off = base + p * PAGE
-                    if off < size:
-                        extents.append((off, bytes(buf.pages[p][:size - off])))
+                    if off < size and logged.get(p) is not page:
+                        extents.append((off, bytes(page[:size - off])))
+                        fresh.append((p, page))
                         total += PAGE
             elif base < size:
                 n = min(buf.length, size - base)
                 extents.append((base, bytes(memoryview(buf.data)[:n])))
                 total += n
-            taken.append((buf, buf.gen))
+            taken.append((buf, buf.gen, fresh))
             if total > INTENT_RECORD_MAX:
                 return None
         node.unlogged.clear()  # what is written from now on goes in the next record
         self._log_seq += 1
-        for buf, _ in taken:
+        for buf, _, _ in taken:
             buf.log_seq = self._log_seq
         rec = IntentRecord(self._log_seq, self._intent_epoch, view.draft_id(), node.ino,
                            size, node.mtime_ns, node.ctime_ns, tuple(extents))

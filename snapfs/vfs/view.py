@@ -95,6 +95,9 @@ class DirtyChunk:
     log_seq: int = 0
     stored_log: int = 0
     logged_gen: int = -1  # gen when a record last took it: unchanged since, not logged again
+    # sparse: the page objects a record took (pages are replaced, never changed, so a
+    # page that is still the same object need not be logged again)
+    logged_pages: dict[int, bytes] | None = None
 
 
 SMALL_BUFFER = 32 * 1024  # a new chunk's first write ending here or before gets a small buffer
