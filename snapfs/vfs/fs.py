@@ -108,8 +108,7 @@ def default_dirty_limit() -> int:
 
 class Filesystem:
     def __init__(self, repo: Repository, *, dirty_limit: int | None = None,
-                 dirty_expire: float = DIRTY_EXPIRE, clean_orphans: bool = True,
-                 intent_log: bool = True) -> None:
+                 dirty_expire: float = DIRTY_EXPIRE, clean_orphans: bool = True) -> None:
         if dirty_limit is None:
             dirty_limit = default_dirty_limit()
         self.repo = repo
@@ -153,9 +152,9 @@ class Filesystem:
         # catalog's epoch at its last durable commit.
         self.durable_commits = 0
         packs = repo.packs
-        self.intent = IntentLog(repo.paths.intent, repo.chunks.aead,
-                                lambda n: packs.check_space(n, packs.reserve)
-                                ) if intent_log else None
+        # None only in tests that take the stored path on purpose
+        self.intent: IntentLog | None = IntentLog(
+            repo.paths.intent, repo.chunks.aead, lambda n: packs.check_space(n, packs.reserve))
         self._log_failure = Every(60.0)  # "the intent log could not be written"
         self._log_queue: list[_LogEntry] = []  # records made, waiting for _log_write
         self._log_writing = False
