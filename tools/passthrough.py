@@ -561,8 +561,10 @@ def _daemonize() -> int:
     return write_end
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, ops_class: type[Passthrough] = Passthrough,
+         name: str = "passthrough", description: str | None = None) -> int:
+    """Mount ops_class(SOURCE) at MOUNTPOINT (tools/lazyfs.py reuses this with its own)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     parser.add_argument("source", help="directory to mirror")
     parser.add_argument("mountpoint")
     parser.add_argument("--foreground", action="store_true", help="do not daemonize")
@@ -591,15 +593,15 @@ def main(argv: list[str] | None = None) -> int:
     elif handshake is None:
         logging.basicConfig(level=level, format=fmt)
     try:
-        ops = Passthrough(args.source)
+        ops = ops_class(args.source)
         options = set(pyfuse3.default_options)  # default_permissions
-        options |= {"fsname=passthrough", "subtype=passthrough"}
+        options |= {f"fsname={name}", f"subtype={name}"}
         if args.allow_other:
             options.add("allow_other")
         os.umask(0)  # the kernel already applied the caller's umask to modes
         pyfuse3.init(ops, args.mountpoint, options)
     except Exception as exc:  # reported to the waiting parent
-        return fail(f"passthrough: cannot mount {args.mountpoint}: {exc}\n")
+        return fail(f"{name}: cannot mount {args.mountpoint}: {exc}\n")
 
     if args.pidfile:
         with open(args.pidfile, "w") as f:

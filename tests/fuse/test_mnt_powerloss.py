@@ -1,0 +1,138 @@
+"""Power loss, simulated: the repository on tools/lazyfs.py, which keeps every write it
+gets in memory until that file is fsynced, and on a "power cut" lets only some of those
+pages reach the disk (each file's: all, none, or a random half). A SIGKILL of the daemon
+alone (test_mnt_crash.py) loses nothing the kernel had, so only this shows that snapfs's
+fsync, commit and ordering of syncs hold: what was fsynced survives, and the repository
+is consistent whatever part of the rest reached the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fusehelpers import ROOT, Mount, data, is_mounted, lazy_unmount, read_bytes, wait_pid_gone
+from test_mnt_crash import DB_WORKER, _reader
+
+# the database worker of test_mnt_crash.py, numbering its versions from argv[3] on, so
+# that a later round's writes carry higher numbers
+WORKER = DB_WORKER.replace("version = 0", "version = int(sys.argv[3])")
+
+pytestmark = pytest.mark.snapfs_only
+
+
+class LazyDisk:
+    """tools/lazyfs.py mounted over BASE/disk at BASE/lazy."""
+
+    def __init__(self, base: Path) -> None:
+        self.disk, self.mnt, self.pidfile = base / "disk", base / "lazy", base / "lazyfs.pid"
+        self.disk.mkdir()
+        self.mnt.mkdir()
+
+    def start(self) -> None:
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "lazyfs.py"), str(self.disk),
+                            str(self.mnt), "--pidfile", str(self.pidfile)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, f"lazyfs: {r.stderr}"
+
+    def cut_power(self, sig: int = signal.SIGUSR1) -> None:
+        """SIGUSR1: some unsynced pages reach the disk; SIGKILL: none; SIGTERM: unmount."""
+        pid = int(self.pidfile.read_text())
+        os.kill(pid, sig)
+        assert wait_pid_gone(pid, 60), f"lazyfs {pid} survived signal {sig}"
+        lazy_unmount(self.mnt)
+        self.pidfile.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def powered(tmp_path):
+    """(mount, disk): a snapfs repository on a LazyDisk, mounted with volume 'vol'."""
+    disk = LazyDisk(tmp_path)
+    disk.start()
+    m = Mount(tmp_path / "m")
+    m.repo = disk.mnt / "repo"
+    try:
+        m.setup()
+        yield m, disk
+    finally:
+        with contextlib.suppress(BaseException):
+            m.close()  # unmount, fsck, the log check (pytest.fail is a BaseException)
+        if disk.pidfile.exists():
+            disk.cut_power(signal.SIGTERM)
+        lazy_unmount(disk.mnt)
+        assert not is_mounted(m.mnt) and not is_mounted(disk.mnt)
+
+
+def test_power_cut_keeps_what_was_fsynced_and_the_repository_consistent(powered, tmp_path):
+    """Three power cuts during a database's pattern (a page written, then fsync, in a
+    stored file: the intent log), beside files written without fsync and a new file that
+    was fsynced (the stored path: its name and data). After each cut: fsck is clean, every
+    page holds its last fsynced version or a later one, the fsynced new file is whole,
+    and a file written without fsync is missing, empty or whole: never a reference to
+    pack data that did not reach the disk, never a size its data did not reach."""
+    m, disk = powered
+    m.expect_log(r" WARNING ")  # the mount after a crash reports what it replayed
+    pages = 512
+    db = m.vol / "db"
+    db.write_bytes(bytes(pages * 4096))
+    fd = os.open(db, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    script = tmp_path / "db_worker.py"
+    script.write_text(WORKER)
+    assert WORKER != DB_WORKER
+    acked: dict[int, int] = {}
+    kept: dict[str, bytes] = {}
+    for round_, sig in enumerate((signal.SIGUSR1, signal.SIGUSR1, signal.SIGKILL)):
+        worker = subprocess.Popen([sys.executable, str(script), str(db), str(pages),
+                                   str(round_ * 1_000_000)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        q: queue.Queue = queue.Queue()
+        threading.Thread(target=_reader, args=(worker.stdout, q), daemon=True).start()
+        try:
+            new = f"new{round_}"
+            payload = data(300_000 + round_, new)
+            with open(m.vol / new, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            kept[new] = payload
+            for i in range(20):  # never fsynced: written back by the daemon, or lost
+                (m.vol / f"loose{round_}-{i}").write_bytes(data(50_000, f"{round_}/{i}"))
+            deadline = time.monotonic() + 120
+            count = 0
+            while count < 150 and time.monotonic() < deadline:
+                item = q.get(timeout=30)
+                assert item is not None, "the database worker died"
+                acked[int(item[1])] = max(acked.get(int(item[1]), 0), int(item[2]))
+                count += 1
+            time.sleep(2.5)  # a group commit of the loose files happens meanwhile
+            m.kill_daemon()
+        finally:
+            worker.kill()
+            worker.wait(timeout=60)
+        while (item := q.get(timeout=30)) is not None:
+            acked[int(item[1])] = max(acked.get(int(item[1]), 0), int(item[2]))
+        disk.cut_power(sig)
+        disk.start()
+        m.fsck()
+        m.mount()
+        got = read_bytes(db)
+        assert len(got) == pages * 4096
+        for page, version in acked.items():
+            piece = got[page * 4096:page * 4096 + 18]
+            assert piece[:9] == b"%08d:" % page, (round_, page, piece)
+            assert int(piece[9:17]) >= version, f"page {page}: {piece!r}, fsynced {version}"
+        for name, payload in kept.items():
+            assert (m.vol / name).read_bytes() == payload, name
+        for path in m.vol.glob("loose*"):
+            r, i = path.name[5:].split("-")
+            assert path.read_bytes() in (b"", data(50_000, f"{r}/{i}")), path.name
