@@ -9,7 +9,9 @@ Two steps:
   current pack (verified on the way, so damage is never copied silently), the index is
   repointed, the copies and the catalog are made durable, and only then is the old pack
   deleted. A crash at any point leaves either the old pack referenced, or the copies
-  referenced and the old pack as an unindexed file that the next pass removes.
+  referenced and the old pack as an unindexed file that the next pass removes. A pack
+  with nothing live is deleted only once the catalog that freed its last chunk is
+  durable, for the same reason.
 
 Copying is throttled (bytes per second) and done in batches: pack reads and writes run
 in worker threads, the index updates on the trio thread between awaits, so foreground
@@ -114,6 +116,12 @@ class Collector:
                 return
             await self._move_rows(pack, rows)
             moved += len(rows)
+        if not moved:
+            # Nothing live to move, but the commit that freed the pack's last chunk may
+            # not be durable yet: if a power cut took it, the catalog would come back
+            # pointing into the deleted pack (files whose removal never became durable,
+            # unreadable). tests/fuse/test_mnt_powerloss.py.
+            await self._make_durable()
         await trio.to_thread.run_sync(self.packs.remove_pack, pack)
         self.removed_packs += 1
         log.info("compacted pack %d (%d live chunks moved)", pack, moved)
@@ -129,7 +137,11 @@ class Collector:
                 batch, size = [], 0
         if batch:
             await self._move(batch)
-        # durability: the copies, then the index that points at them, then the removal
+        await self._make_durable()  # then the old pack may go
+
+    async def _make_durable(self) -> None:
+        """Commit, with the packs synced first and the WAL fsynced after: what the
+        catalog says now survives a power loss."""
         await self.chunks.commit_catalog(self.commit)
         await trio.to_thread.run_sync(self.cat.sync_wal)
 
@@ -160,16 +172,6 @@ class Collector:
         spent = time.monotonic() - started
         if budget > spent:
             await trio.sleep(budget - spent)
-
-    def remove_orphan_packs(self) -> int:
-        """Delete pack files the index no longer references (a crash after compaction)."""
-        removed = 0
-        usage = self.pack_usage()
-        for pack, (_size, live) in usage.items():
-            if live == 0 and pack != self.packs.current_pack:
-                self.packs.remove_pack(pack)
-                removed += 1
-        return removed
 
     def report(self) -> dict:
         usage = self.pack_usage()

@@ -136,3 +136,29 @@ def test_power_cut_keeps_what_was_fsynced_and_the_repository_consistent(powered,
         for path in m.vol.glob("loose*"):
             r, i = path.name[5:].split("-")
             assert path.read_bytes() in (b"", data(50_000, f"{r}/{i}")), path.name
+
+
+def test_power_cut_after_gc_keeps_files_whose_deletion_was_not_durable(powered):
+    """Files made durable, then removed (not durable), then `snapfs gc`: it frees their
+    chunks and deletes the pack that held only them. A power cut in which nothing unsynced
+    reaches the disk brings the files back, since their removal never was durable; so the
+    collector must not delete a pack before the catalog that stopped referencing it is
+    durable, or those files come back unreadable."""
+    m, disk = powered
+    m.expect_log(r" WARNING ")
+    files = {f"f{i}": data(200_000, f"gc/{i}") for i in range(10)}
+    for name, payload in files.items():
+        with open(m.vol / name, "wb") as f:
+            f.write(payload)
+            os.fsync(f.fileno())
+    for name in files:
+        os.unlink(m.vol / name)
+    r = m.run_cli("-C", m.repo, "gc", "--json")
+    assert '"removed_packs": 0' not in r.stdout, r.stdout  # the case under test happened
+    m.kill_daemon()
+    disk.cut_power(signal.SIGKILL)
+    disk.start()
+    m.fsck()
+    m.mount()
+    for name in sorted(p.name for p in m.vol.iterdir()):
+        assert (m.vol / name).read_bytes() == files[name], name

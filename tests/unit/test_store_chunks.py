@@ -477,6 +477,26 @@ def test_location_map_stays_exact_across_compaction(st, monkeypatch):
     assert cm.reads_inline == inline + 3  # no retries, no fallbacks
 
 
+def test_a_pack_with_nothing_live_is_deleted_only_after_the_catalog_is_durable(st, monkeypatch):
+    """free() commits without fsync; if compaction then deleted the pack whose every chunk
+    it freed, a power cut could bring back a catalog that points into it (a removal of
+    files that never became durable, their data gone: test_mnt_powerloss.py)."""
+    from pyroaring import BitMap
+
+    ids = [st.cm.put_sync(os.urandom(20_000)) for _ in range(4)]
+    gc = _collector(st, st.cm)
+    assert gc.free(BitMap()) == 4
+    st.cat.commit()  # as Filesystem._gc does: not durable
+    events = []
+    sync_wal, remove_pack = st.cat.sync_wal, st.packs.remove_pack
+    monkeypatch.setattr(st.cat, "sync_wal", lambda: (events.append("sync_wal"), sync_wal())[1])
+    monkeypatch.setattr(st.packs, "remove_pack",
+                        lambda pack: (events.append(f"remove {pack}"), remove_pack(pack))[1])
+    assert trio.run(gc.compact, 0.0) == 1
+    assert events == ["sync_wal", "remove 1"]
+    assert ids and 1 not in st.packs.pack_ids()
+
+
 @pytest.mark.parametrize("encrypted", [False, True])
 @pytest.mark.parametrize("reader", ["get", "read_into"])
 def test_reads_retry_when_the_record_moved_under_a_stale_location(tmp_path, monkeypatch,
