@@ -41,7 +41,10 @@ import logging
 import os
 import random
 import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pyfuse3
 
@@ -259,6 +262,44 @@ class _WithoutSize:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._fields, name)
+
+
+class LazyDisk:
+    """lazyfs over DISK mounted at MNT, run and cut from another process (the power-loss
+    test, tools/crashprobe --power-loss, tools/torture --power-loss)."""
+
+    def __init__(self, disk: Path, mnt: Path, pidfile: Path) -> None:
+        self.disk, self.mnt, self.pidfile = Path(disk), Path(mnt), Path(pidfile)
+        self.disk.mkdir(parents=True, exist_ok=True)
+        self.mnt.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), str(self.disk),
+                            str(self.mnt), "--pidfile", str(self.pidfile)],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode:
+            raise RuntimeError(f"lazyfs: {r.stderr.strip()}")
+
+    def cut_power(self, sig: int = signal.SIGUSR1) -> None:
+        """SIGUSR1: some unsynced pages reach DISK; SIGKILL: none; SIGTERM: a clean
+        unmount (the unsynced pages are dropped all the same). Clears the mount."""
+        if self.pidfile.exists():
+            pid = int(self.pidfile.read_text())
+            try:
+                os.kill(pid, sig)
+                for _ in range(1200):
+                    os.kill(pid, 0)
+                    time.sleep(0.05)
+                raise RuntimeError(f"lazyfs {pid} survived signal {sig}")
+            except ProcessLookupError:
+                pass
+            self.pidfile.unlink(missing_ok=True)
+        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True,
+                       timeout=60)
+
+    def power_cycle(self, sig: int = signal.SIGUSR1) -> None:
+        self.cut_power(sig)
+        self.start()
 
 
 if __name__ == "__main__":

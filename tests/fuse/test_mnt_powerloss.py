@@ -16,11 +16,13 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from fusehelpers import ROOT, Mount, data, is_mounted, lazy_unmount, read_bytes, wait_pid_gone
+from fusehelpers import ROOT, Mount, data, is_mounted, read_bytes
 from test_mnt_crash import DB_WORKER, _reader
+
+sys.path.insert(0, str(ROOT / "tools"))
+from lazyfs import LazyDisk  # noqa: E402
 
 # the database worker of test_mnt_crash.py, numbering its versions from argv[3] on, so
 # that a later round's writes carry higher numbers
@@ -29,33 +31,10 @@ WORKER = DB_WORKER.replace("version = 0", "version = int(sys.argv[3])")
 pytestmark = pytest.mark.snapfs_only
 
 
-class LazyDisk:
-    """tools/lazyfs.py mounted over BASE/disk at BASE/lazy."""
-
-    def __init__(self, base: Path) -> None:
-        self.disk, self.mnt, self.pidfile = base / "disk", base / "lazy", base / "lazyfs.pid"
-        self.disk.mkdir()
-        self.mnt.mkdir()
-
-    def start(self) -> None:
-        r = subprocess.run([sys.executable, str(ROOT / "tools" / "lazyfs.py"), str(self.disk),
-                            str(self.mnt), "--pidfile", str(self.pidfile)],
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, f"lazyfs: {r.stderr}"
-
-    def cut_power(self, sig: int = signal.SIGUSR1) -> None:
-        """SIGUSR1: some unsynced pages reach the disk; SIGKILL: none; SIGTERM: unmount."""
-        pid = int(self.pidfile.read_text())
-        os.kill(pid, sig)
-        assert wait_pid_gone(pid, 60), f"lazyfs {pid} survived signal {sig}"
-        lazy_unmount(self.mnt)
-        self.pidfile.unlink(missing_ok=True)
-
-
 @pytest.fixture
 def powered(tmp_path):
     """(mount, disk): a snapfs repository on a LazyDisk, mounted with volume 'vol'."""
-    disk = LazyDisk(tmp_path)
+    disk = LazyDisk(tmp_path / "disk", tmp_path / "lazy", tmp_path / "lazyfs.pid")
     disk.start()
     m = Mount(tmp_path / "m")
     m.repo = disk.mnt / "repo"
@@ -65,9 +44,7 @@ def powered(tmp_path):
     finally:
         with contextlib.suppress(BaseException):
             m.close()  # unmount, fsck, the log check (pytest.fail is a BaseException)
-        if disk.pidfile.exists():
-            disk.cut_power(signal.SIGTERM)
-        lazy_unmount(disk.mnt)
+        disk.cut_power(signal.SIGTERM)
         assert not is_mounted(m.mnt) and not is_mounted(disk.mnt)
 
 
@@ -121,8 +98,7 @@ def test_power_cut_keeps_what_was_fsynced_and_the_repository_consistent(powered,
             worker.wait(timeout=60)
         while (item := q.get(timeout=30)) is not None:
             acked[int(item[1])] = max(acked.get(int(item[1]), 0), int(item[2]))
-        disk.cut_power(sig)
-        disk.start()
+        disk.power_cycle(sig)
         m.fsck()
         m.mount()
         got = read_bytes(db)
@@ -156,8 +132,7 @@ def test_power_cut_after_gc_keeps_files_whose_deletion_was_not_durable(powered):
     r = m.run_cli("-C", m.repo, "gc", "--json")
     assert '"removed_packs": 0' not in r.stdout, r.stdout  # the case under test happened
     m.kill_daemon()
-    disk.cut_power(signal.SIGKILL)
-    disk.start()
+    disk.power_cycle(signal.SIGKILL)
     m.fsck()
     m.mount()
     for name in sorted(p.name for p in m.vol.iterdir()):
