@@ -56,6 +56,7 @@ import sqlite3
 import time
 
 from snapfs.errors import DiskFull, FormatError
+from snapfs.store.packs import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class Catalog:
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
         self.readonly = readonly
+        self._wal_dir_synced = 0  # inode number of the WAL whose name sync_wal made durable
         existed = os.path.exists(path)
         if readonly and not existed:
             raise FormatError(f"catalog {path} is missing")
@@ -293,8 +295,14 @@ class Catalog:
             return
         try:
             os.fsync(fd)
+            ino = os.fstat(fd).st_ino
         finally:
             os.close(fd)
+        if ino != self._wal_dir_synced:
+            # A WAL SQLite created since: SQLite syncs its directory only in its own
+            # first sync of it (a checkpoint); until then the name could be lost.
+            fsync_dir(os.path.dirname(self.path) or ".")
+            self._wal_dir_synced = ino
 
     def checkpoint(self) -> tuple[int, int, int]:
         """Copy the WAL back into the database; runs on its own connection (any thread).

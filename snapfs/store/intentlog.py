@@ -35,6 +35,7 @@ import xxhash
 
 from snapfs.crypto.aead import Aead
 from snapfs.errors import IntegrityError
+from snapfs.store.packs import fsync_dir
 
 MAGIC = b"SFIL"
 HEADER = struct.Struct("<4sIQQ")  # magic, body length, seq, epoch
@@ -158,7 +159,10 @@ class IntentLog:
 
     def _open(self) -> int:
         if self._fd is None:
+            created = not os.path.exists(self.path)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if created:  # an fdatasync of the file alone would not keep its name
+                fsync_dir(os.path.dirname(self.path) or ".")
         return self._fd
 
     def append(self, blob: bytes) -> None:

@@ -113,7 +113,7 @@ class PackStore:
         self._write_fd = fd
         self._write_end = PACK_HEADER.size
         self._unsynced = True
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def append(self, chunk_id: int, payload: bytes, raw_len: int, flags: int = 0) -> ChunkLocation:
         """Append one record; returns its location. The record is durable after sync()."""
@@ -326,7 +326,7 @@ class PackStore:
                 os.close(null)
             self._retired.append(fd)
         os.unlink(os.path.join(self.directory, pack_name(pack_id)))
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def pack_size(self, pack_id: int) -> int:
         return os.stat(os.path.join(self.directory, pack_name(pack_id))).st_size
@@ -375,7 +375,9 @@ def _where(chunk_id: int, loc: ChunkLocation) -> str:
     return f"chunk {chunk_id} in {pack_name(loc.pack)} at offset {loc.offset}"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make the directory's entries durable: a new file's name survives a power loss only
+    once its directory is synced (POSIX; ext4's journal happens to do it earlier)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

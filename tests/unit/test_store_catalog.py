@@ -328,3 +328,28 @@ def test_a_statement_whose_failure_rolled_back_the_transaction_is_redone(db_path
     assert [cat.meta_get(k) for k in ("a", "b", "fail")] == [1, 2, None]
     assert cat.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 1
     cat.close()
+
+
+def test_sync_wal_makes_a_new_wal_s_name_durable_once(cat, db_path, monkeypatch):
+    """Our sync_wal fsyncs the WAL behind SQLite's back, and SQLite syncs the directory
+    of a WAL it created only in its own first sync of it: so sync_wal syncs the directory
+    once per WAL file (a new one after the last connection closed and removed it)."""
+    import snapfs.store.catalog as catalog_module
+
+    synced = []
+    monkeypatch.setattr(catalog_module, "fsync_dir", synced.append)
+    cat.write("INSERT INTO meta(key, value) VALUES ('a', '1')")
+    cat.commit()
+    cat.sync_wal()
+    cat.sync_wal()
+    assert synced == [str(db_path.rsplit("/", 1)[0])]
+    cat.close()
+    again = Catalog(db_path)  # the close removed the WAL: the next one is a new file
+    try:
+        again.write("INSERT INTO meta(key, value) VALUES ('b', '2')")
+        again.commit()
+        again.sync_wal()
+        again.sync_wal()
+    finally:
+        again.close()
+    assert len(synced) == 2

@@ -55,6 +55,21 @@ def test_a_damaged_record_ends_the_log_and_a_wrong_key_is_an_error():
         list(decode(sealed, Aead(os.urandom(32))))
 
 
+def test_the_log_s_name_is_made_durable_when_it_is_created(tmp_path, monkeypatch):
+    """fdatasync of a new file does not make its directory entry durable (POSIX): the
+    first append after creating the log syncs the directory, later ones do not."""
+    import snapfs.store.intentlog as intentlog_module
+
+    synced = []
+    monkeypatch.setattr(intentlog_module, "fsync_dir", synced.append)
+    log = IntentLog(str(tmp_path / "intent.log"), None)
+    log.append(encode(record(1), None))
+    log.append(encode(record(2), None))
+    assert synced == [str(tmp_path)]
+    IntentLog(log.path, None).append(encode(record(3), None))  # exists: no sync
+    assert synced == [str(tmp_path)]
+
+
 def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
     log = IntentLog(str(tmp_path / "intent.log"), None)
     log.append(encode(record(1), None))
