@@ -545,8 +545,12 @@ class Filesystem:
                            size, node.mtime_ns, node.ctime_ns, tuple(extents))
         return rec, taken
 
-    def is_logged(self, node: Inode) -> bool:
-        return any(n is node for _, n in self._logged.values())
+    def is_logged(self, view: View, node: Inode) -> bool:
+        """Whether a live intent record holds this file of view's draft."""
+        if not self._logged:
+            return False
+        entry = self._logged.get((view.draft_id(), node.ino))
+        return entry is not None and entry[1] is node
 
     def _retire_covered(self) -> None:
         """In the transaction about to commit: the files whose every logged page is in
@@ -580,20 +584,21 @@ class Filesystem:
 
         The bulk is stored while fsyncs go on; under the sync lock (no new record) only
         what they logged meanwhile."""
-        for locked in (False, False, True):
-            if locked:
-                await self._sync_lock.acquire()
-            try:
-                for _ in range(4 if locked else 1):
-                    items = self._uncovered()
-                    if not items or await _disk_full_of(self._store(items)) is not None:
-                        break
-                if locked:
-                    await self.commit_catalog(durable=True)
-                    await self._reset_log_if_retired()
-            finally:
-                if locked:
-                    self._sync_lock.release()
+        for _ in range(2):  # the second pass takes what was logged during the first
+            if not await self._store_uncovered():
+                break
+        async with self._sync_lock:
+            for _ in range(4):
+                if not await self._store_uncovered():
+                    break
+            await self.commit_catalog(durable=True)
+            await self._reset_log_if_retired()
+
+    async def _store_uncovered(self) -> bool:
+        """Store the logged chunks no store covers yet; False if there were none, or the
+        disk is full (they stay in the log, which still holds them)."""
+        items = self._uncovered()
+        return bool(items) and await _disk_full_of(self._store(items)) is None
 
     async def _reset_log_if_retired(self) -> None:
         """Empty the log file once every record in it has an epoch below the durable

@@ -1078,7 +1078,7 @@ class View:
             raise FsError(errno.EFBIG)
         node.truncating += 1  # no fsync through the intent log meanwhile
         try:
-            if size < node.size and self.fs.is_logged(node):
+            if size < node.size and self.fs.is_logged(self, node):
                 # a live record of the old size would bring it back over the cut after
                 # a crash (a record's size is applied exactly): retire the log first
                 await self.fs.retire_log()
