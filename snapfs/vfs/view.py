@@ -188,6 +188,9 @@ class Inode:
     blocks: dict[int, int] = field(default_factory=dict)  # idx -> chunk (0 = hole)
     windows: set[int] = field(default_factory=set)
     buffers: dict[int, DirtyChunk] = field(default_factory=dict)
+    # no dirty chunk's index is above this (set by View.buffer; back to -1 once buffers
+    # is empty): row_size need not look at all of a thousand dirty chunks per row save
+    top_buffer: int = -1
     xattrs: dict[bytes, bytes] | None = None
     allocated: int | None = None  # cached count of stored or dirty blocks (st_blocks)
     # An orphan is open but in no tree (unlinked, or left behind when its snapshot
@@ -431,11 +434,16 @@ class View:
         are stored, as any unsynced overwrite would.
         """
         if not node.buffers:
+            node.top_buffer = -1
             return node.size
-        cs, end = self.chunk_size, node.stored_end
-        if any((i + 1) * cs > end for i in node.buffers):
-            return min(node.size, end)
-        return node.size
+        first, top = node.stored_end // self.chunk_size, node.top_buffer  # (first+1)*cs > end
+        if top < first:
+            return node.size
+        if top - first < len(node.buffers):
+            past = any(i in node.buffers for i in range(first, top + 1))
+        else:
+            past = any(i >= first for i in node.buffers)
+        return min(node.size, node.stored_end) if past else node.size
 
     def _touch(self, node: Inode, *, mtime: bool = True, now: int | None = None) -> None:
         now = now or now_ns()
@@ -1167,6 +1175,7 @@ class View:
         if chunk and not whole and sparse:
             buf = node.buffers[idx] = DirtyChunk(None, -1, 0, time.monotonic(), False,
                                                  base=chunk, pages={})
+            node.top_buffer = max(node.top_buffer, idx)
             self.fs.note_dirty(self, node, idx)
             return buf
         if chunk and not whole:
@@ -1185,6 +1194,7 @@ class View:
         else:
             content, length = self.fs.pool.take(), 0
         buf = node.buffers[idx] = DirtyChunk(content, length, 0, time.monotonic(), length == 0)
+        node.top_buffer = max(node.top_buffer, idx)
         node.allocated = None
         self.fs.note_dirty(self, node, idx)
         return buf

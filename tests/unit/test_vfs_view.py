@@ -39,6 +39,7 @@ from snapfs.vfs.view import (
     RENAME_NOREPLACE,
     XATTR_CREATE,
     XATTR_REPLACE,
+    Inode,
     View,
 )
 
@@ -1204,3 +1205,22 @@ async def test_allocated_blocks_of_a_small_file_in_memory_and_from_the_rows(fs, 
     assert view.allocated_blocks(g) == 2  # every window loaded: counted in memory
     fresh = View(fs, "volume", "v")
     assert fresh.allocated_blocks(fresh.get(g.ino)) == 2  # from the catalog's rows
+
+
+@given(dirty=st.sets(st.integers(0, 300), max_size=40), slack=st.integers(0, 50),
+       stored_end=st.integers(0, 320 * 4096), size=st.integers(0, 320 * 4096))
+def test_row_size_matches_a_look_at_every_dirty_chunk(dirty, slack, stored_end, size):
+    """row_size stops scanning every dirty chunk (8.6 % of the daemon's busy time with
+    8,192 of them, fsyncing a 1 GiB file): it checks only indices from the first chunk
+    past the stored data up to top_buffer, an upper bound on the dirty indices. It must
+    answer what the look at all of them answers."""
+    from types import SimpleNamespace
+
+    cs = 4096
+    node = Inode(1, stat.S_IFREG | 0o644, 1, 0, 0, size, 0, 0, 0)
+    node.stored_end = stored_end
+    node.buffers = dict.fromkeys(dirty)
+    node.top_buffer = max(dirty) + slack if dirty else -1
+    past = any((i + 1) * cs > stored_end for i in dirty)
+    expected = min(size, stored_end) if past else size
+    assert View.row_size(SimpleNamespace(chunk_size=cs), node) == expected
