@@ -32,11 +32,14 @@ pytestmark = pytest.mark.snapfs_only
 
 
 @pytest.fixture
-def powered(tmp_path):
-    """(mount, disk): a snapfs repository on a LazyDisk, mounted with volume 'vol'."""
+def powered(request, tmp_path):
+    """(mount, disk): a snapfs repository on a LazyDisk, mounted with volume 'vol';
+    encrypted when the test parametrizes it with True."""
+    encrypt = getattr(request, "param", False)
     disk = LazyDisk(tmp_path / "disk", tmp_path / "lazy", tmp_path / "lazyfs.pid")
     disk.start()
-    m = Mount(tmp_path / "m")
+    env = {"SNAPFS_PASSPHRASE": "power cut", "SNAPFS_SCRYPT_N": "4096"} if encrypt else None
+    m = Mount(tmp_path / "m", encrypt=encrypt, env=env)
     m.repo = disk.mnt / "repo"
     try:
         m.setup()
@@ -48,6 +51,7 @@ def powered(tmp_path):
         assert not is_mounted(m.mnt) and not is_mounted(disk.mnt)
 
 
+@pytest.mark.parametrize("powered", [False, True], indirect=True, ids=["plain", "encrypted"])
 def test_power_cut_keeps_what_was_fsynced_and_the_repository_consistent(powered, tmp_path):
     """Three power cuts during a database's pattern (a page written, then fsync, in a
     stored file: the intent log), beside files written without fsync and a new file that
