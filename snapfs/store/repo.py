@@ -107,7 +107,7 @@ def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
     paths = RepoPaths(root)
     if os.path.exists(paths.config):
         raise AlreadyExists(f"{paths.root} is already a snapfs repository")
-    if os.path.isdir(paths.root) and os.listdir(paths.root):
+    if os.path.isdir(paths.root) and not _init_leftovers_only(paths):
         raise UsageError(f"{paths.root} exists and is not empty: choose an empty or new directory")
     created_root = not os.path.isdir(paths.root)
     id_key = b"" if encryption else secrets.token_bytes(32)
@@ -118,6 +118,9 @@ def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
         # pack holds file contents: only the owner may open anything in here, whatever
         # the permissions inside the filesystem say (as borg's and restic's repositories)
         os.chmod(paths.root, 0o700)
+        for name in os.listdir(paths.root):  # a killed init's temporary configuration
+            if name.startswith(os.path.basename(paths.config) + ".tmp"):
+                os.unlink(os.path.join(paths.root, name))
         write_json_atomic(paths.config, config.to_json(), mode=0o600)
     except BaseException:
         # leave nothing behind that would make a retry fail ("not empty")
@@ -128,6 +131,20 @@ def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
             os.rmdir(paths.root)
         raise
     return config
+
+
+def _init_leftovers_only(paths: RepoPaths) -> bool:
+    """Whether the directory holds nothing, or only what an init killed before it wrote
+    the configuration leaves (an empty packs/, a temporary configuration; a killed init
+    cannot clean up after itself as a failed one does): then init may go ahead."""
+    for name in os.listdir(paths.root):
+        full = os.path.join(paths.root, name)
+        if full == paths.packs and os.path.isdir(full) and not os.listdir(full):
+            continue
+        if name.startswith(os.path.basename(paths.config) + ".tmp") and os.path.isfile(full):
+            continue
+        return False
+    return True
 
 
 def load_config(root: str) -> RepoConfig:

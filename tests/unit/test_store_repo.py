@@ -339,3 +339,20 @@ def test_lock_held_by_another_process_and_released_when_it_dies(repo_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_init_after_a_killed_init_goes_ahead(tmp_path):
+    """A kill between making packs/ and renaming the configuration into place leaves an
+    empty packs/ and maybe a temporary configuration, and no cleanup ran: the retry (say
+    `make run` again) must not answer 'not empty'. Anything else still refuses."""
+    root = tmp_path / "r"
+    (root / "packs").mkdir(parents=True)
+    (root / "snapfs.json.tmp4242").write_text('{"half": ')
+    init_repository(str(root))
+    assert is_repository(str(root))
+    assert sorted(os.listdir(root)) == ["packs", "snapfs.json"]
+    other = tmp_path / "o"
+    (other / "packs").mkdir(parents=True)
+    (other / "packs" / "00000001.pack").write_bytes(b"data")
+    with pytest.raises(UsageError, match="not empty"):
+        init_repository(str(other))
