@@ -12,8 +12,8 @@ Put a repository on the mount, run a workload, cut the power, clear the dead mou
 (``fusermount3 -u -z``), mount SOURCE again and check what survived: only what was
 fsynced is certain, as after a real power loss. A process kill (what tools/crashprobe does)
 loses nothing the kernel had, so it cannot tell an fsync that works from one that does
-nothing; this can. The idea is LazyFS's (Cheng et al., 2023); this is a small Python
-version on tools/passthrough.py.
+nothing; this can. The idea is that of LazyFS, a FUSE layer built for the same kind of
+testing; this is a small Python version on tools/passthrough.py.
 
 The model, page by page (4 KiB):
 
