@@ -119,7 +119,7 @@ def init_repository(root: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
         # the permissions inside the filesystem say (as borg's and restic's repositories)
         os.chmod(paths.root, 0o700)
         for name in os.listdir(paths.root):  # a killed init's temporary configuration
-            if name.startswith(os.path.basename(paths.config) + ".tmp"):
+            if _is_config_temp(paths, name):
                 os.unlink(os.path.join(paths.root, name))
         write_json_atomic(paths.config, config.to_json(), mode=0o600)
     except BaseException:
@@ -141,10 +141,15 @@ def _init_leftovers_only(paths: RepoPaths) -> bool:
         full = os.path.join(paths.root, name)
         if full == paths.packs and os.path.isdir(full) and not os.listdir(full):
             continue
-        if name.startswith(os.path.basename(paths.config) + ".tmp") and os.path.isfile(full):
+        if _is_config_temp(paths, name) and os.path.isfile(full):
             continue
         return False
     return True
+
+
+def _is_config_temp(paths: RepoPaths, name: str) -> bool:
+    """A temporary file of write_json_atomic writing the configuration."""
+    return name.startswith(os.path.basename(paths.config) + ".tmp")
 
 
 def load_config(root: str) -> RepoConfig:

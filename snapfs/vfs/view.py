@@ -188,7 +188,7 @@ class Inode:
     blocks: dict[int, int] = field(default_factory=dict)  # idx -> chunk (0 = hole)
     windows: set[int] = field(default_factory=set)
     buffers: dict[int, DirtyChunk] = field(default_factory=dict)
-    # no dirty chunk's index is above this (set by View.buffer; back to -1 once buffers
+    # no dirty chunk's index is above this (set by add_buffer; back to -1 once buffers
     # is empty): row_size need not look at all of a thousand dirty chunks per row save
     top_buffer: int = -1
     xattrs: dict[bytes, bytes] | None = None
@@ -216,13 +216,26 @@ class Inode:
     truncating: int = 0
     logged_attrs: tuple = ()  # (size, mtime_ns, ctime_ns) of its last intent record
     log_last: int = 0  # the seq of its last intent record
-    # chunks written since its last intent record (every `buf.gen += 1` adds its idx):
+    # chunks written since its last intent record (Inode.changed adds each):
     # an fsync of a file with a thousand dirty chunks need not look at each of them
     unlogged: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.stored_end = self.size
         self.saved_meta = self.meta_row()
+
+    def add_buffer(self, idx: int, buf: DirtyChunk) -> DirtyChunk:
+        """Make buf the dirty chunk idx (keeping top_buffer an upper bound)."""
+        self.buffers[idx] = buf
+        if idx > self.top_buffer:
+            self.top_buffer = idx
+        return buf
+
+    def changed(self, idx: int, buf: DirtyChunk) -> None:
+        """Dirty chunk idx was just written: a new gen (a store in flight sees it
+        changed) and a chunk for the next intent record (Filesystem._intent_record)."""
+        buf.gen += 1
+        self.unlogged.add(idx)
 
     @property
     def is_dir(self) -> bool:
@@ -1154,8 +1167,7 @@ class View:
                 node.allocated = None
                 return
         buf.length = min(buf.length, tail)
-        buf.gen += 1
-        node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
+        node.changed(idx, buf)
 
     async def buffer(self, node: Inode, idx: int, *, whole: bool = False,
                      need: int = 0, sparse: bool = False) -> DirtyChunk:
@@ -1173,9 +1185,8 @@ class View:
                 raise error
         chunk = self.block(node, idx)
         if chunk and not whole and sparse:
-            buf = node.buffers[idx] = DirtyChunk(None, -1, 0, time.monotonic(), False,
-                                                 base=chunk, pages={})
-            node.top_buffer = max(node.top_buffer, idx)
+            buf = node.add_buffer(idx, DirtyChunk(None, -1, 0, time.monotonic(), False,
+                                                  base=chunk, pages={}))
             self.fs.note_dirty(self, node, idx)
             return buf
         if chunk and not whole:
@@ -1193,8 +1204,8 @@ class View:
             content, length = self.fs.pool.take_small(need), 0
         else:
             content, length = self.fs.pool.take(), 0
-        buf = node.buffers[idx] = DirtyChunk(content, length, 0, time.monotonic(), length == 0)
-        node.top_buffer = max(node.top_buffer, idx)
+        buf = node.add_buffer(idx, DirtyChunk(content, length, 0, time.monotonic(),
+                                              length == 0))
         node.allocated = None
         self.fs.note_dirty(self, node, idx)
         return buf
@@ -1383,8 +1394,7 @@ class View:
             if start % PAGE or start + n > cs or (n % PAGE and end < node.size):
                 return None
             self._write_pages(buf, start, data)  # whole pages into a sparse chunk
-            buf.gen += 1
-            node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
+            node.changed(idx, buf)
             self._written(node, end)
             return n
         stop = start + n
@@ -1400,8 +1410,7 @@ class View:
                 self.fs.note_complete(self, node, idx)
         if stop > buf.length:
             buf.length = stop
-        buf.gen += 1
-        node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
+        node.changed(idx, buf)
         self._written(node, end)
         return n
 
@@ -1426,8 +1435,7 @@ class View:
             buf = await self.buffer(node, idx, whole=whole, need=stop, sparse=sparse)
             if buf.data is None:
                 self._write_pages(buf, start, view[pos - offset:pos - offset + stop - start])
-                buf.gen += 1
-                node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
+                node.changed(idx, buf)
                 pos = idx * cs + stop
                 continue
             if buf.frozen or stop > len(buf.data):
@@ -1441,8 +1449,7 @@ class View:
                 self.fs.note_complete(self, node, idx)
             if stop > buf.length:
                 buf.length = stop
-            buf.gen += 1
-            node.unlogged.add(idx)  # for the intent log (Filesystem._intent_record)
+            node.changed(idx, buf)
             pos = idx * cs + stop
         if end > node.size:
             node.size = end
