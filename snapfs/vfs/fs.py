@@ -44,15 +44,8 @@ from snapfs.store import intentlog
 from snapfs.store.catalog import JOURNAL_SIZE_LIMIT
 from snapfs.store.gc import Collector
 from snapfs.store.intentlog import IntentLog, IntentRecord
-from snapfs.vfs.view import (
-    PAGE,
-    BufferPool,
-    DirtyChunk,
-    Inode,
-    View,
-    release_free_memory,
-    store_buffers,
-)
+from snapfs.vfs.buffers import PAGE, BufferPool, DirtyChunk, release_free_memory
+from snapfs.vfs.view import Inode, View, store_buffers
 
 log = logging.getLogger(__name__)
 

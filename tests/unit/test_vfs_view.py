@@ -745,11 +745,11 @@ def test_random_writes_and_truncates_match_a_bytearray(ops):
 @pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 8192, 131072])
 @pytest.mark.parametrize("zeros", [0, 1, 4096, 5000, 131072])
 def test_payload_is_the_valid_part_without_trailing_zeros(n, zeros):
-    from snapfs.vfs.view import _payload_len
+    from snapfs.vfs.buffers import payload_len
 
     data = bytearray(os.urandom(131072))
     data[max(0, n - zeros):n] = bytes(min(n, zeros))
-    assert _payload_len(data, n) == len(bytes(data[:n]).rstrip(b"\0"))
+    assert payload_len(data, n) == len(bytes(data[:n]).rstrip(b"\0"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux clock ids")
@@ -780,7 +780,8 @@ async def test_small_files_get_small_buffers_that_grow_when_written_beyond(big_v
     """A new chunk whose first write ends early gets a 4 KiB-page buffer, not a 128 KiB
     one (thousands of small files being written at once); a later write past it moves
     the data into a chunk-sized buffer, also while a store is reading the small one."""
-    from snapfs.vfs.view import SMALL_BUFFER, store_buffers
+    from snapfs.vfs.buffers import SMALL_BUFFER
+    from snapfs.vfs.view import store_buffers
 
     view = big_view
     pool = view.fs.pool
@@ -990,7 +991,7 @@ def test_page_writes_and_others_in_any_order_match_a_bytearray(ops):
     cache emptied, reopening and commits: every read equals a bytearray model, the
     pool's counts equal what the buffers hold, and fsck is clean at the end. Free pooled
     buffers are filled with garbage after every step, as reused ones would be."""
-    from snapfs.vfs.view import PAGE
+    from snapfs.vfs.buffers import PAGE
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "repo")
