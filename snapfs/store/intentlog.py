@@ -145,6 +145,9 @@ class IntentLog:
         data = self._read()
         self.end = max((end for *_, end in _frames(data)), default=0)
         self.allocated = len(data)
+        # A log with records is read once more right away, by recovery (read()): keep
+        # what was read for it instead of reading up to the whole file again.
+        self._unread: bytes | None = data if self.end else None
 
     def _read(self) -> bytes:
         try:
@@ -155,7 +158,8 @@ class IntentLog:
 
     def read(self) -> list[IntentRecord]:
         """Every intact record, in the order appended."""
-        return list(decode(self._read(), self.aead))
+        data, self._unread = self._unread, None
+        return list(decode(self._read() if data is None else data, self.aead))
 
     def _open(self) -> int:
         if self._fd is None:
@@ -168,6 +172,7 @@ class IntentLog:
     def append(self, blob: bytes) -> None:
         """Write one encoded record at end and make it durable (fdatasync). On failure
         end stays: the next record overwrites what was torn."""
+        self._unread = None
         fd = self._open()
         at = self.end
         if at + len(blob) > self.allocated:
@@ -184,6 +189,7 @@ class IntentLog:
         """Empty the log: every record in it is in the durable catalog. Not synced: a
         record that comes back after a power loss has an epoch below the catalog's.
         keep=False (unmount) also gives the file's blocks back."""
+        self._unread = None
         if not keep or self.allocated > KEEP:
             if self._fd is not None or os.path.exists(self.path):
                 os.ftruncate(self._open(), 0)

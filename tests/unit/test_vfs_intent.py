@@ -70,6 +70,23 @@ def test_the_log_s_name_is_made_durable_when_it_is_created(tmp_path, monkeypatch
     assert synced == [str(tmp_path)]
 
 
+def test_opening_a_log_with_records_reads_the_file_once_for_recovery(tmp_path, monkeypatch):
+    path = str(tmp_path / "intent.log")
+    log = IntentLog(path, None)
+    recs = [record(1), record(2)]
+    for r in recs:
+        log.append(encode(r, None))
+    log.close()
+    reads = []
+    real = IntentLog._read
+    monkeypatch.setattr(IntentLog, "_read", lambda self: reads.append(1) or real(self))
+    again = IntentLog(path, None)
+    assert again.read() == recs and len(reads) == 1  # the opening's read serves recovery
+    again.append(encode(record(3), None))
+    assert again.read() == [*recs, record(3)] and len(reads) == 2  # then from the file
+    again.close()
+
+
 def test_a_failed_append_leaves_no_torn_record(tmp_path, monkeypatch):
     log = IntentLog(str(tmp_path / "intent.log"), None)
     log.append(encode(record(1), None))
