@@ -277,8 +277,6 @@ def main(argv: list[str] | None = None) -> int:
             order = targets[rep % len(targets):] + targets[:rep % len(targets)] if targets else []
             for job in jobs:
                 for target in order:
-                    if JOBS[job].snapshots_only and not target.snapshots:
-                        continue
                     ctx = JobContext(cfg, target, rep, tree)
                     t0 = time.monotonic()
                     got = run_job(job, ctx, watchdog, cfg.job_timeout)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .jobs import JOBS, REFERENCE_METRIC, Sample
+from .jobs import JOBS, Sample
 from .util import MiB
 
 YARDSTICK = "passthrough"
@@ -30,7 +30,7 @@ class Row:
     busy: float | None = None  # median daemon CPU / wall time (1.0 = one core saturated)
     vs_yardstick: float | None = None
     vs_plain: float | None = None
-    status: str = "ok"  # ok, error, n/a
+    status: str = "ok"  # ok, error
     errors: tuple[str, ...] = ()
 
 
@@ -42,8 +42,6 @@ def summarize(samples: Sequence[Sample], targets: Sequence[str], jobs: Sequence[
             for target in targets:
                 row = Row(metric, target)
                 mine = [s for s in samples if s.metric == metric and s.target == target]
-                if spec.snapshots_only and not mine:
-                    row.status = "n/a"
                 good = [s for s in mine if s.error is None and s.value is not None]
                 bad = [s for s in mine if s.error is not None]
                 if good:
@@ -60,11 +58,11 @@ def summarize(samples: Sequence[Sample], targets: Sequence[str], jobs: Sequence[
                 if bad:
                     row.status = "error"
                     row.errors = tuple(s.error or "" for s in bad)
-                if mine or row.status == "n/a":
+                if mine:
                     rows[(metric, target)] = row
 
     def reference(metric: str, target: str) -> float | None:
-        ref = rows.get((REFERENCE_METRIC.get(metric, metric), target))
+        ref = rows.get((metric, target))
         if ref is None or not ref.median or ref.status == "error":
             return None
         return ref.median
@@ -92,15 +90,13 @@ def _ratio(value: float | None) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     """A Markdown table. Ratios are rates divided by the yardstick's and plain's rates
-    (higher is better; snapread is compared with seqread). "daemon busy" is the daemon's
+    (higher is better). "daemon busy" is the daemon's
     CPU time over the wall time of the timed part (100% = one core)."""
     header = ["job", "target", "result", "spread", "daemon CPU", "daemon busy",
               "vs passthrough", "vs plain"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        if row.status == "n/a":
-            cells = [row.metric, row.target, "n/a", "", "", "", "", ""]
-        elif row.median is None:
+        if row.median is None:
             cells = [row.metric, row.target, "ERROR", "", "", "", "", ""]
         else:
             result = f"{_num(row.median)} {row.unit}" + (" (errors)" if row.errors else "")

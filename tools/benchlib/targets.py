@@ -5,6 +5,8 @@ daemon (for CPU accounting) and always unmounts in ``teardown``:
 
 - ``plain``: a directory on the disk that holds the work directory.
 - ``passthrough``: tools/passthrough.py (the yardstick) over a directory on that disk.
+  Neither has snapshots: their ``commit`` copies the files in the directory under the
+  mount (see Target.commit), so that the snapshot jobs have a reference.
 - ``snapfs`` / ``snapfs-enc``: a snapfs repository (the latter encrypted), mounted, with
   a writable volume ``bench``; snapshots appear at ``MNT/.snapshots/bench@LABEL``.
 - ``snapfs-<N>k`` (``snapfs-32k``, ``snapfs-64k``...): like ``snapfs``, in a repository
@@ -61,7 +63,6 @@ class Target:
     """A directory to benchmark; subclasses mount something there."""
 
     name = "?"
-    snapshots = False  # supports commit() / snapshot_dir()
 
     def __init__(self, root: Path) -> None:
         self.root = root  # private scratch directory of this target
@@ -100,7 +101,27 @@ class Target:
         return []
 
     def commit(self, label: str) -> Path:
-        raise JobError(f"{self.name} has no snapshots")
+        """The top-level files of base, frozen, as a directory to read: a snapshot where
+        the target has them (SnapfsTarget). Here: a copy made in the directory under the
+        mount, not through it (the previous copy goes). Its files are new inodes to the
+        kernel, whose data the store below has cached (the copy just wrote it): what a
+        snapfs snapshot's files are right after a commit. The first read of such a file
+        is what snapread measures; comparing it with a re-read of a file the kernel
+        has read before (seqread) measured the kernel's first read, not snapfs."""
+        under = self.underlying()
+        for old in under.glob(".copy-*"):
+            safe_rmtree(old)
+        copy = under / f".copy-{label}"
+        copy.mkdir()
+        for item in sorted(under.iterdir()):
+            if item.is_file() and not item.is_symlink():
+                shutil.copyfile(item, copy / item.name)
+        sync_fs(self.root)
+        return self.base / copy.name
+
+    def underlying(self) -> Path:
+        """The directory that holds base's files (base itself when nothing is mounted)."""
+        return self.base
 
 
 class PlainTarget(Target):
@@ -165,13 +186,15 @@ class PassthroughTarget(FuseTarget):
     def teardown(self) -> None:
         self._unmount()
 
+    def underlying(self) -> Path:
+        return self.root / "src"
+
     def logs(self) -> list[Path]:
         return [self.root / "passthrough.log"]
 
 
 class SnapfsTarget(FuseTarget):
     name = "snapfs"
-    snapshots = True
     volume = "bench"
 
     def __init__(self, root: Path, encrypted: bool = False, history: int = 0,
