@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import stat
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pyroaring import BitMap
 
@@ -115,6 +115,14 @@ def tree_counts(view: View) -> Counter:
     pinned in memory while open), so they are not counted.
     """
     counts: Counter = Counter()
+    for _ in tree_count_steps(view, counts):
+        pass
+    return counts
+
+
+def tree_count_steps(view: View, counts: Counter, step: int = 1 << 62) -> Iterator[None]:
+    """tree_counts into counts, yielding after every step inodes: the daemon awaits
+    between steps (an import accounts a large snapshot without holding the event loop)."""
     seen: set[int] = set()
     stack = [ROOT_INO]
     inos: list[int] = []
@@ -127,12 +135,15 @@ def tree_counts(view: View) -> Counter:
         node = view.get(ino)
         if node.is_dir:
             stack.extend(child for _, child in view.listdir(ino))
-    for ino in inos:
+        if not len(inos) % step:
+            yield
+    for n, ino in enumerate(inos, 1):
         node = view.get(ino)
         if stat.S_ISREG(node.mode):
             for _, c in view.stored_blocks(node):
                 counts[c] += 1
-    return counts
+        if not n % step:
+            yield
 
 
 def check_accounting(fs: Filesystem) -> list[str]:

@@ -220,11 +220,17 @@ class Graph:
         self.version += 1
         return v
 
+    def reserve_vertex_id(self) -> VertexId:
+        """A vertex id no vertex has or will get, for rows written before their vertex
+        is added (an import: add_imported)."""
+        return VertexId(self._next_id("next_vertex"))
+
     def add_imported(self, parent: int | None, volume: str, label: str, created: float,
-                     uuid_: str) -> Vertex:
-        """A snapshot vertex arriving from another site (its rows are added by the caller)."""
+                     uuid_: str, vid: VertexId | None = None) -> Vertex:
+        """A snapshot vertex arriving from another site (its rows are added by the caller,
+        under vid, from reserve_vertex_id, when given)."""
         self.check_label(volume, label)
-        vid = VertexId(self._next_id("next_vertex"))
+        vid = self.reserve_vertex_id() if vid is None else vid
         v = Vertex(vid, parent, "snapshot", volume, label, created)
         self.cat.write(
             "INSERT INTO vertices (id, parent, kind, volume, label, name, created, sealed, "

@@ -131,7 +131,7 @@ class Filesystem:
         self.extra_stats: dict[str, Callable[[], dict]] = {}
         self.collector = Collector(self.cat, repo.packs, self.chunks, commit=self._commit_now)
         self.gc_requested = False  # set after deletions: the next background pass collects
-        self._pins: Counter[int] = Counter()  # snapshots being exported: not deletable
+        self._pins: Counter[int] = Counter()  # snapshots an export or import reads
         self.checkpoint_bytes = CHECKPOINT_BYTES
         self._checkpoint_wanted = trio.Event()
         self.checkpoints = 0
@@ -854,8 +854,8 @@ class Filesystem:
         """Delete a snapshot (re-parenting its children) and collect what it freed."""
         snap = self.graph.snapshot(name)
         if self._pins.get(snap.id):
-            raise Refused(f"snapshot {name} is being exported: delete it when the export "
-                          "is done", errno=16)
+            raise Refused(f"snapshot {name} is being exported, or imported onto: delete it "
+                          "when that is done", errno=16)
         view = self.snapshot_views.get(snap.id)
         self._check_unused(view, f"snapshot {name} (under .snapshots/{name})")
         draft = self.graph.snapshot_drafts.get(snap.id)

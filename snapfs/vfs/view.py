@@ -215,6 +215,10 @@ class View:
         draft = self.graph.snapshot_drafts.get(self.key)
         return self.key if draft is None else draft
 
+    def chain(self) -> dict[int, int]:
+        """The shown vertex's ancestors-or-self by depth: which rows it sees (_pick)."""
+        return self.graph.chain(self.vertex_id)
+
     @property
     def immutable(self) -> bool:
         """True while the view shows a committed snapshot with no draft on top."""
@@ -292,7 +296,7 @@ class View:
 
     def _pick(self, rows):
         """From (vertex, ...) rows, the one of the nearest ancestor-or-self, or None."""
-        chain = self.graph.chain(self.vertex_id)
+        chain = self.chain()
         best, best_depth = None, -1
         for row in rows:
             depth = chain.get(row[0], -1)
@@ -402,7 +406,7 @@ class View:
             raise FsError(errno.ENOTDIR)
         if dir_node.entries is None:
             best: dict[bytes, tuple[int, int]] = {}
-            chain = self.graph.chain(self.vertex_id)
+            chain = self.chain()
             for vertex, name, ino in self.cat.execute(
                     "SELECT vertex, name, ino FROM dirents WHERE parent=?", (dir_node.ino,)):
                 depth = chain.get(vertex, -1)
@@ -466,7 +470,7 @@ class View:
 
     def _preload_children(self, dir_ino: int) -> None:
         """Resolve the inodes of a whole directory with one query (for readdirplus)."""
-        chain = self.graph.chain(self.vertex_id)
+        chain = self.chain()
         best: dict[int, tuple] = {}
         for row in self.cat.execute(
                 "SELECT i.vertex, i.ino, i.mode, i.nlink, i.uid, i.gid, i.size, i.atime_ns, "
@@ -805,7 +809,7 @@ class View:
     # -- extended attributes ----------------------------------------------------------------
     def _xattrs(self, node: Inode) -> dict[bytes, bytes]:
         if node.xattrs is None:
-            chain = self.graph.chain(self.vertex_id)
+            chain = self.chain()
             best: dict[bytes, tuple[int, bytes | None]] = {}
             for vertex, name, value in self.cat.execute(
                     "SELECT vertex, name, value FROM xattrs WHERE ino=?", (node.ino,)):
@@ -897,7 +901,7 @@ class View:
         """(index, chunk) of the catalog's block rows of node in [first, stop), each index
         resolved along the chain (the nearest vertex's row wins), in index order;
         streamed, so a caller that only counts holds nothing."""
-        chain = self.graph.chain(self.vertex_id)
+        chain = self.chain()
         cur, depth, chunk = -1, -1, 0
         for idx, vertex, c in self.cat.execute(
                 "SELECT idx, vertex, chunk FROM blocks WHERE ino=? AND idx>=? AND idx<? "
@@ -1448,14 +1452,21 @@ async def store_buffers(chunks, items: list[tuple[View, Inode, int]],
 
 
 class PinnedView(View):
-    """A read-only view of exactly one vertex, whatever its kind (fsck, diff, export)."""
+    """A read-only view of exactly one vertex, whatever its kind (fsck, diff, export).
 
-    def __init__(self, fs: Filesystem, vid: int) -> None:
+    chain: the vertex's ancestry when the graph does not know it yet (a snapshot being
+    imported, whose rows are in the catalog before its vertex is added: exchange)."""
+
+    def __init__(self, fs: Filesystem, vid: int, chain: dict[int, int] | None = None) -> None:
         super().__init__(fs, "pinned", vid)
+        self._chain = chain
 
     @property
     def vertex_id(self) -> int:
         return self.key
+
+    def chain(self) -> dict[int, int]:
+        return self.graph.chain(self.key) if self._chain is None else self._chain
 
     def draft_id(self) -> int:
         raise FsError(errno.EROFS)

@@ -294,6 +294,11 @@ async def test_an_import_stores_chunks_between_other_requests_and_adds_the_snaps
         assert await snap.read(node, 0, len(data) + 1) == data
         again = await call(ofs, op="import", path=str(bundle))
         assert again == {"snapshot": "v@s", "already_imported": True}
+        await call(ofs, op="snapshot-delete", name="v@s")  # deleted since: imports again
+        again = await call(ofs, op="import", path=str(bundle))
+        assert again["snapshot"] == "v@s" and "already_imported" not in again
+        snap = ofs.snapshot_view("v@s")
+        assert await snap.read(snap.lookup(ROOT_INO, b"f"), 0, len(data) + 1) == data
 
 
 @contextlib.asynccontextmanager
@@ -345,6 +350,142 @@ async def test_two_imports_of_one_bundle_at_once_add_it_once(fs, tmp_path):
         assert sorted(r.get("already_imported", False) for r in results) == [False, True]
         assert [v.name for v in ofs.graph.snapshots()] == ["v@s"]
         assert not ofs.chunks.pinned
+
+
+def _committed_rows(fs, vid: int) -> int:
+    """Rows of vertex vid that a crash now would leave: what another connection sees."""
+    import sqlite3
+
+    con = sqlite3.connect(fs.repo.paths.db)
+    try:
+        return sum(con.execute(f"SELECT count(*) FROM {t} WHERE vertex=?", (vid,)).fetchone()[0]
+                   for t in ("inodes", "dirents", "blocks", "xattrs", "vertex_chunks"))
+    finally:
+        con.close()
+
+
+@trio_test
+async def test_an_import_writes_its_rows_between_other_requests_and_commits_them_whole(
+        fs, tmp_path, monkeypatch):
+    """The rows of an imported snapshot go in slices, with other requests served in
+    between (a large import held the mount for seconds when they went in one piece); a
+    commit asked for meanwhile (an fsync, the group commit) waits until the snapshot is
+    whole, so no crash can leave part of it: another connection sees none of its rows."""
+    import trio
+
+    from snapfs import exchange
+
+    data, bundle = await _exported(fs, tmp_path, 100)
+    async with _site(tmp_path) as ofs:
+        monkeypatch.setattr(exchange, "IMPORT_SLICE", 10)
+        await call(ofs, op="volume-create", name="w")
+        real_write_rows, real_count_trees = exchange._write_rows, exchange._count_trees
+        seen: dict[str, object] = {}
+        turns = 0
+
+        async def write_rows(fs_, vid, parent, rows, ids):
+            seen["vid"], before = vid, turns
+            await real_write_rows(fs_, vid, parent, rows, ids)
+            seen["turns"] = turns - before
+
+        async def count_trees(fs_, vid, parent):
+            await trio.sleep(0.3)  # long enough for the commit below to happen, if it could
+            seen["committed"] = _committed_rows(ofs, vid)
+            return await real_count_trees(fs_, vid, parent)
+
+        async def other_requests() -> None:
+            nonlocal turns
+            while "done" not in seen:
+                turns += 1
+                await trio.sleep(0)
+
+        async def commit_meanwhile() -> None:
+            while "vid" not in seen:
+                await trio.sleep(0)
+            await write_file(ofs.volume_view("w"), b"g", b"written during the import")
+            await ofs.commit_catalog(durable=True)  # waits for the import's lock
+            seen["commit saw"] = [v.name for v in ofs.graph.snapshots()]
+
+        monkeypatch.setattr(exchange, "_write_rows", write_rows)
+        monkeypatch.setattr(exchange, "_count_trees", count_trees)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_requests)
+            nursery.start_soon(commit_meanwhile)
+            res = await call(ofs, op="import", path=str(bundle))
+            seen["done"] = True
+        assert res["snapshot"] == "v@s"
+        assert seen["turns"] >= 10  # 100 block rows, 10 a slice
+        assert seen["committed"] == 0  # a kill during the import leaves none of its rows
+        assert seen["commit saw"] == ["v@s"]  # the commit waited for the whole snapshot
+        assert _committed_rows(ofs, ofs.graph.by_name["v@s"]) > 100
+        snap = ofs.snapshot_view("v@s")
+        assert await snap.read(snap.lookup(ROOT_INO, b"f"), 0, len(data) + 1) == data
+        w = ofs.volume_view("w")
+        assert await w.read(w.lookup(ROOT_INO, b"g"), 0, 100) == b"written during the import"
+
+
+@trio_test
+async def test_an_import_that_fails_half_way_keeps_what_others_wrote_meanwhile(
+        fs, tmp_path, monkeypatch):
+    """A failure after some of the snapshot's rows were written takes those rows out
+    again, but not the writes other requests made between the slices (they share the
+    open transaction: a rollback would have lost them)."""
+    from snapfs import exchange
+    from snapfs.fsck import fsck
+
+    _data, bundle = await _exported(fs, tmp_path, 50)
+    async with _site(tmp_path) as ofs:
+        monkeypatch.setattr(exchange, "IMPORT_SLICE", 10)
+        await call(ofs, op="volume-create", name="w")
+        vids = []
+
+        async def count_trees(fs_, vid, parent):
+            vids.append(vid)
+            await write_file(ofs.volume_view("w"), b"g", b"kept")  # another request
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(exchange, "_count_trees", count_trees)
+        with pytest.raises(OSError, match="No space"):
+            await call(ofs, op="import", path=str(bundle))
+        assert not ofs.graph.snapshots() and not ofs.chunks.pinned
+        for table in ("inodes", "dirents", "blocks", "xattrs", "vertex_chunks"):
+            assert not ofs.cat.execute(f"SELECT 1 FROM {table} WHERE vertex=?",
+                                       (vids[0],)).fetchone()
+        w = ofs.volume_view("w")
+        assert await w.read(w.lookup(ROOT_INO, b"g"), 0, 100) == b"kept"
+        await ofs.sync()
+    assert fsck(str(tmp_path / "other")) == []
+
+
+@trio_test
+async def test_the_base_of_an_incremental_import_cannot_be_deleted_during_it(
+        fs, tmp_path, monkeypatch):
+    """Between the slices the import reads its base (blocks it already has): deleting
+    the base is refused until the import is done, then allowed."""
+    from snapfs import exchange
+    from snapfs.errors import Refused
+
+    await history(fs)  # v@s2 changes one chunk of v@s1
+    await call(fs, op="site-key-create", site="far", path=str(tmp_path / "far.key"))
+    full, inc = tmp_path / "full.bundle", tmp_path / "inc.bundle"
+    await call(fs, op="export", snapshot="v@s1", site="far", path=str(full))
+    await call(fs, op="export", snapshot="v@s2", since="v@s1", site="far", path=str(inc))
+    async with _site(tmp_path) as ofs:
+        await call(ofs, op="import", path=str(full))
+        real_count_trees = exchange._count_trees
+        refused = []
+
+        async def count_trees(fs_, vid, parent):
+            with pytest.raises(Refused, match="imported onto") as e:
+                await call(ofs, op="snapshot-delete", name="v@s1")
+            refused.append(e.value)
+            return await real_count_trees(fs_, vid, parent)
+
+        monkeypatch.setattr(exchange, "_count_trees", count_trees)
+        res = await call(ofs, op="import", path=str(inc))
+        assert res["snapshot"] == "v@s2" and res["parent"] == "v@s1" and refused
+        await call(ofs, op="snapshot-delete", name="v@s1")
+        assert [v.name for v in ofs.graph.snapshots()] == ["v@s2"]
 
 
 @trio_test
