@@ -498,8 +498,8 @@ async def _count_trees(fs: Filesystem, vid: int, parent: int | None
                        ) -> tuple[Counter, Counter]:
     """References to each chunk from the imported tree and from its base's, counted
     COUNT_SLICE inodes at a time (the imported vertex through the chain it will have)."""
-    chain = {vid: 0} if parent is None else {**fs.graph.chain(parent),
-                                              vid: fs.graph.chain(parent)[parent] + 1}
+    base_chain = {} if parent is None else fs.graph.chain(parent)
+    chain = {**base_chain, vid: len(base_chain)}  # depths count from 0 at the root
     mine: Counter = Counter()
     base: Counter = Counter()
     views = [(PinnedView(fs, vid, chain), mine)]
@@ -526,14 +526,16 @@ async def _write_vertex_chunks(fs: Filesystem, vid: int, mine: Counter, base: Co
     """The vertex's reference counts against its parent, from both trees, as its
     vertex_chunks rows (vertex, chunk, refs, presence), written IMPORT_SLICE at a time."""
     changes = []
-    for chunk in set(mine) | set(base):
-        refs = mine[chunk] - base[chunk]
-        if refs:
-            presence = 1 if base[chunk] == 0 else -1 if mine[chunk] == 0 else 0
-            changes.append((vid, chunk, refs, presence))
-    for i in range(0, len(changes), IMPORT_SLICE):
-        fs.cat.writemany("INSERT INTO vertex_chunks VALUES (?,?,?,?)",
-                         changes[i:i + IMPORT_SLICE])
+    chunks = list(mine.keys() | base.keys())
+    for i in range(0, len(chunks), IMPORT_SLICE):
+        rows = []
+        for chunk in chunks[i:i + IMPORT_SLICE]:
+            refs = mine[chunk] - base[chunk]
+            if refs:
+                presence = 1 if base[chunk] == 0 else -1 if mine[chunk] == 0 else 0
+                rows.append((vid, chunk, refs, presence))
+        fs.cat.writemany("INSERT INTO vertex_chunks VALUES (?,?,?,?)", rows)
+        changes += rows
         await trio.sleep(0)
     return changes
 
