@@ -323,10 +323,31 @@ class ChunkManager:
         where = self._where.get(cid)
         if where is None:
             where = self._lookup(cid)
-            if len(self._where) >= self.locations_limit:
-                del self._where[next(iter(self._where))]  # the oldest entry
-            self._where[cid] = where
+            self._remember(cid, where)
         return where
+
+    def knows_location(self, cid: int) -> bool:
+        return cid in self._where
+
+    def locate_many(self, cids: list[int]) -> None:
+        """Put the locations of many chunks in the map with a few queries: a sequential
+        reader otherwise looked each one up alone, a query per 128 KiB read (11-17 % of
+        the daemon's busy samples in a cold sequential read). Chunks the index lacks are
+        left out: location() reports them when they are read."""
+        todo = [cid for cid in dict.fromkeys(cids) if cid and cid not in self._where]
+        for i in range(0, len(todo), 500):
+            part = todo[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for cid, pack, offset, length, digest in self.cat.execute(
+                    "SELECT id, pack, offset, length, hash FROM chunks "
+                    f"WHERE id IN ({marks})", part):
+                if pack >= 0:
+                    self._remember(cid, (ChunkLocation(pack, offset, length), digest))
+
+    def _remember(self, cid: int, where: tuple[ChunkLocation, bytes]) -> None:
+        if len(self._where) >= self.locations_limit:
+            del self._where[next(iter(self._where))]  # the oldest entry
+        self._where[cid] = where
 
     def _lookup(self, cid: int) -> tuple[ChunkLocation, bytes]:
         """The location from the index itself (never from the map)."""

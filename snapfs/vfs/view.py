@@ -64,6 +64,7 @@ def _clamp_time(ns: int) -> int:
     return min(TIME_NS_MAX, max(TIME_NS_MIN, ns))
 
 WINDOW = 1024  # blocks resolved per catalog query
+LOCATE_AHEAD = 256  # chunk locations looked up at once by a scan (32 MiB of 128 KiB chunks)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
@@ -1255,6 +1256,7 @@ class View:
         # to join, and holes, unstored tails and stripped zeros cost nothing
         out = bytearray(end - offset)
         mv = memoryview(out)  # slices of it are written to, in worker threads too
+        self._locate_ahead(node, idx)
         pos = offset
         while pos < end:
             idx, start = divmod(pos, cs)
@@ -1279,6 +1281,16 @@ class View:
                         dst[:len(piece)] = piece
             pos = idx * cs + stop
         return out
+
+    def _locate_ahead(self, node: Inode, idx: int) -> None:
+        """A scan reaching a chunk whose location is not known yet: look up those of the
+        next LOCATE_AHEAD blocks at once (ChunkManager.locate_many)."""
+        chunks = self.fs.chunks
+        chunk = self.block(node, idx)
+        if not chunk or chunks.knows_location(chunk):
+            return
+        stop = min(idx + LOCATE_AHEAD, self._nblocks(node.size))
+        chunks.locate_many([self.block(node, i) for i in range(idx, stop)])
 
     def write_now(self, node: Inode, offset: int, data: bytes) -> int | None:
         """The write, if it needs nothing awaited; else None (then `write`).

@@ -517,6 +517,30 @@ async def test_a_scan_of_whole_chunks_stays_out_of_the_chunk_cache(fs, view):
     assert cache.size == 2 * CS
     assert await view.read(f, 3 * CS, CS) == data[3 * CS:4 * CS]  # now a cache hit
 @trio_test
+async def test_a_scan_looks_up_chunk_locations_in_batches(fs, view, monkeypatch):
+    """A sequential read of a file whose chunk locations the daemon has not seen (after a
+    mount) looks them up LOCATE_AHEAD at a time, not with a query per chunk."""
+    from snapfs.store.chunks import ChunkCache
+    from snapfs.vfs import view as view_mod
+
+    monkeypatch.setattr(view_mod, "LOCATE_AHEAD", 16)
+    f = mkfile(view, b"big")
+    data = b"".join(pattern(CS, seed=i) for i in range(40))
+    await view.write(f, 0, data)
+    await view.flush_data(f)
+    fs.chunks.cache = ChunkCache(fs.chunks.cache.limit)
+    fs.chunks._where.clear()  # as after a mount
+    lookups, batches = [], []
+    real_lookup, real_many = fs.chunks._lookup, fs.chunks.locate_many
+    monkeypatch.setattr(fs.chunks, "_lookup", lambda cid: lookups.append(cid) or real_lookup(cid))
+    monkeypatch.setattr(fs.chunks, "locate_many",
+                        lambda cids: batches.append(len(cids)) or real_many(cids))
+    got = b"".join([await view.read(f, i * 2 * CS, 2 * CS) for i in range(20)])
+    assert got == data
+    assert lookups == [] and batches == [16, 16, 8]  # 40 chunks: three queries, not 40
+
+
+@trio_test
 async def test_sparse_writes_far_out_read_as_zeros_and_store_nothing(fs, view):
     f = mkfile(view, b"sparse")
     far = 1000 * CS + 17
