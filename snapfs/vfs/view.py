@@ -1283,8 +1283,9 @@ class View:
         return out
 
     def _locate_ahead(self, node: Inode, idx: int) -> None:
-        """A scan reaching a chunk whose location is not known yet: look up those of the
-        next LOCATE_AHEAD blocks at once (ChunkManager.locate_many)."""
+        """A read across chunks reaching one whose location is not known yet (the first
+        scan after a mount): look up those of the next LOCATE_AHEAD blocks at once
+        (ChunkManager.locate_many)."""
         chunks = self.fs.chunks
         chunk = self.block(node, idx)
         if not chunk or chunks.knows_location(chunk):
