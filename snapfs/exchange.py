@@ -534,8 +534,9 @@ async def _write_vertex_chunks(fs: Filesystem, vid: int, mine: Counter, base: Co
             if refs:
                 presence = 1 if base[chunk] == 0 else -1 if mine[chunk] == 0 else 0
                 rows.append((vid, chunk, refs, presence))
-        fs.cat.writemany("INSERT INTO vertex_chunks VALUES (?,?,?,?)", rows)
-        changes += rows
+        if rows:
+            fs.cat.writemany("INSERT INTO vertex_chunks VALUES (?,?,?,?)", rows)
+            changes += rows
         await trio.sleep(0)
     return changes
 
