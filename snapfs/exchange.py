@@ -219,6 +219,8 @@ def export_steps(fs: Filesystem, snapshot: str, since: str | None, site: str,
     snap = g.snapshot(snapshot)
     base = g.snapshot(since) if since else None
     pinned = [snap.id] if base is None else [snap.id, base.id]
+    for vid in pinned:  # before pinning either: a refusal leaves nothing pinned
+        g.check_not_deleting(vid)
     for vid in pinned:
         fs.pin(vid)
     try:

@@ -6,19 +6,40 @@ Deleting v (leaf, middle, branch point or root):
    no row of its own for the same key, so every child shows exactly what it showed before.
    Cost: O(rows of v x children).
 2. Each child's reference-count changes become relative to its new parent p(v):
-   refs'(w, c) = refs(v, c) + refs(w, c) for the chunks in rows of v or w, and presence,
+   refs'(w, c) = refs(v, c) + refs(w, c) for the chunks in rows of v, and presence,
    added(w), removed(w) and delta(w) are recomputed from the counts for those chunks only
-   (for every other chunk w's count equals p(v)'s, before and after). A child of a deleted
-   root becomes a root: its count is its own refs.
-3. v's rows and its vertex are removed. Chunks that no added set holds any more are
-   garbage; the collector (store/gc.py) frees them.
+   (for a chunk v has no row for, p(v)'s count equals v's and w's refs stay: nothing
+   changes). A child of a deleted root becomes a root: its count is its own refs.
+3. The vertex is removed and listed in meta 'purge'; then its rows are deleted. Chunks
+   that no added set holds any more are garbage; the collector (store/gc.py) frees them.
 
-All of it runs synchronously in one catalog transaction (the caller commits).
+It runs in steps so that a mounted filesystem keeps answering between them (a deletion
+of a million-file snapshot in one step held the event loop for seconds):
+
+* Deletion.steps(): the merge (1) and the counts that step 2 needs, in slices of about
+  SLICE rows. Invisible: a child resolves a copied row exactly as it resolved v's, and
+  the counts are only read. A crash after any slice leaves a consistent catalog (the
+  copies stay, harmless), and nothing is listed anywhere.
+* Deletion.finish(): one step, O(v's vertex_chunks rows): vertex removed, children
+  re-parented and rebased, v listed for purging, all in the same transaction.
+* purge_steps(): v's rows deleted in slices, then v unlisted. The collector resumes a
+  purge a crash interrupted (vfs/fs.py); fsck ignores the rows of listed vertices.
+
+Between the steps the caller guarantees (vfs/fs.py: one deletion at a time, and
+graph.deleting refuses new children and pins of v): v gets no new child and no
+vertex on v's chain goes away. A child may change its own rows meanwhile (a volume's
+draft being written): a copy never replaces a row of the child's own (INSERT OR IGNORE),
+and its counts are read only in finish().
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from pyroaring import BitMap
+
 from snapfs.graph.graph import Graph, Vertex
+from snapfs.store.catalog import Catalog
 
 ROW_TABLES = {
     "inodes": ("ino", "mode, nlink, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, target"),
@@ -26,71 +47,192 @@ ROW_TABLES = {
     "blocks": ("ino, idx", "chunk"),
     "xattrs": ("ino, name", "value"),
 }
+# Rows per slice: a slice of the merge took 6-9 ms here (about 1.8 us a row copied).
+SLICE = 4000
+COUNT_SLICE = 500  # chunks counted in the parent per slice (a query each)
+PURGE_KEY = "purge"
 
 
 def delete_vertex(graph: Graph, vid: int) -> None:
-    v = graph.vertices[vid]
-    cat = graph.cat
-    children = sorted(graph.children.get(vid, ()))
-    own_refs = {c: r for c, r in cat.execute(
-        "SELECT chunk, refs FROM vertex_chunks WHERE vertex=?", (vid,))}
-    for child in children:
-        _merge_rows(graph, vid, child)
-    for table in (*ROW_TABLES, "vertex_chunks"):
-        cat.write(f"DELETE FROM {table} WHERE vertex=?", (vid,))
-    cat.write("DELETE FROM vertices WHERE id=?", (vid,))
-    for child in children:
-        w = graph.vertices[child]
-        w.parent = v.parent
-        cat.write("UPDATE vertices SET parent=? WHERE id=?", (v.parent, child))
-    # the graph changed shape: every cached chain and draft base count may be stale
-    graph.children.pop(vid, None)
-    if v.parent is not None:
-        graph.children[v.parent].discard(vid)
-        graph.children[v.parent].update(children)
-    del graph.vertices[vid]
-    if v.name:
-        graph.by_name.pop(v.name, None)
-    graph._chains.clear()
-    graph._refs.clear()
-    graph.version += 1
-    for child in children:
-        _rebase_refs(graph, graph.vertices[child], own_refs)
+    """All steps at once (a caller with nobody else to serve: tests, one-shot tools)."""
+    deletion = Deletion(graph, vid)
+    for _ in deletion.steps():
+        pass
+    deletion.finish()
+    for _ in purge_steps(graph.cat, vid):
+        pass
 
 
-def _merge_rows(graph: Graph, vid: int, child: int) -> None:
+class Deletion:
+    """One vertex being deleted; graph.deleting names it until finish() or abort()."""
+
+    def __init__(self, graph: Graph, vid: int) -> None:
+        self.graph = graph
+        self.vid = vid
+        self.vertex = graph.vertices[vid]
+        # the draft over .snapshots/v goes with v (the caller drops it): no merge into it
+        self.children = sorted(graph.children.get(vid, set()) - {graph.snapshot_drafts.get(vid)})
+        self.own_refs: dict[int, int] = {}  # v's vertex_chunks: chunk -> refs
+        self.base: dict[int, int] = {}  # chunk -> its count in v's parent
+        graph.deleting.add(vid)
+
+    def abort(self) -> None:
+        """Give up (the rows merged so far stay: they change nothing anyone sees)."""
+        self.graph.deleting.discard(self.vid)
+
+    def steps(self) -> Iterator[None]:
+        """Merge and count in slices; yields between them."""
+        for child in self.children:
+            yield from _merge_rows(self.graph.cat, self.vid, child)
+        if not self.children:
+            return
+        yield from self._read_counts()
+
+    def _read_counts(self) -> Iterator[None]:
+        cat, parent = self.graph.cat, self.vertex.parent
+        last = -1
+        while True:
+            rows = cat.execute(
+                "SELECT chunk, refs FROM vertex_chunks WHERE vertex=? AND chunk>? "
+                "ORDER BY chunk LIMIT ?", (self.vid, last, SLICE)).fetchall()
+            if not rows:
+                return
+            self.own_refs.update(rows)
+            last = rows[-1][0]
+            yield
+            for start in range(0, len(rows) if parent is not None else 0, COUNT_SLICE):
+                for chunk, _ in rows[start:start + COUNT_SLICE]:
+                    self.base[chunk] = self.graph.count_in(parent, chunk)
+                yield
+
+    def finish(self) -> None:
+        """The one step that changes what anyone sees (no await may run inside it)."""
+        graph, cat, v = self.graph, self.graph.cat, self.vertex
+        children = sorted(graph.children.get(self.vid, ()))
+        for child in children:
+            if child not in self.children:  # the caller let one in: merge it now
+                for _ in _merge_rows(cat, self.vid, child):
+                    pass
+        if children and not self.own_refs and not self.base:
+            for _ in self._read_counts():
+                pass
+        cat.write("DELETE FROM vertices WHERE id=?", (self.vid,))
+        for child in children:
+            graph.vertices[child].parent = v.parent
+            cat.write("UPDATE vertices SET parent=? WHERE id=?", (v.parent, child))
+        graph.children.pop(self.vid, None)
+        if v.parent is not None:
+            graph.children[v.parent].discard(self.vid)
+            graph.children[v.parent].update(children)
+        del graph.vertices[self.vid]
+        if v.name:
+            graph.by_name.pop(v.name, None)
+        # the graph changed shape: every cached chain and draft base count may be stale
+        graph._chains.clear()
+        graph._refs.clear()
+        graph.version += 1
+        for child in children:
+            _rebase_refs(graph, graph.vertices[child], self.vid, self.own_refs, self.base)
+        listed = pending_purges(cat)
+        cat.meta_set(PURGE_KEY, ",".join(str(p) for p in [*listed, self.vid]))
+        graph.deleting.discard(self.vid)
+
+
+def pending_purges(cat: Catalog) -> list[int]:
+    """Vertices deleted whose rows are not all gone yet."""
+    value = cat.meta_get(PURGE_KEY, "")
+    return [int(p) for p in str(value).split(",") if p]
+
+
+def purge_steps(cat: Catalog, vid: int) -> Iterator[None]:
+    """Delete the rows of a vertex finish() removed, in slices; then unlist it."""
+    for table, (key, _) in ROW_TABLES.items():
+        yield from _delete_rows(cat, table, key, vid)
+    yield from _delete_rows(cat, "vertex_chunks", "chunk", vid)
+    listed = [p for p in pending_purges(cat) if p != vid]
+    cat.meta_set(PURGE_KEY, ",".join(str(p) for p in listed))
+
+
+def _slice_end(cat: Catalog, table: str, key: str, vid: int, after: tuple | None):
+    """The key of the SLICE-th row of vid in table after `after` (None: past the end)."""
+    bound = f" AND ({key}) > ({','.join('?' * len(after))})" if after else ""
+    return cat.execute(
+        f"SELECT {key} FROM {table} WHERE vertex=?{bound} ORDER BY {key} "
+        f"LIMIT 1 OFFSET {SLICE - 1}", (vid, *(after or ()))).fetchone()
+
+
+def _merge_rows(cat: Catalog, vid: int, child: int) -> Iterator[None]:
     for table, (key, cols) in ROW_TABLES.items():
         # rows of inodes that are gone in the child (deleted, or unlinked while open and
         # released later) would be dead weight, and would name chunks the collector frees
+        # (a lookup per row: a NOT IN list of them was built again in every slice)
         dead = ("" if table in ("inodes", "dirents") else
-                " AND ino NOT IN (SELECT ino FROM inodes WHERE vertex=? AND nlink=0)")
-        args = (child, vid, child) if dead else (child, vid)
-        graph.cat.write(
-            f"INSERT OR IGNORE INTO {table} ({key}, vertex, {cols}) "
-            f"SELECT {key}, ?, {cols} FROM {table} WHERE vertex=?{dead}", args)
+                f" AND NOT EXISTS (SELECT 1 FROM inodes i WHERE i.ino={table}.ino "
+                "AND i.vertex=? AND i.nlink=0)")
+        after = None
+        while True:
+            end = _slice_end(cat, table, key, vid, after)
+            marks = ",".join("?" * len(end)) if end else ""
+            bounds = ((f" AND ({key}) > ({','.join('?' * len(after))})" if after else "")
+                      + (f" AND ({key}) <= ({marks})" if end else ""))
+            args = (child, vid, *(after or ()), *(end or ()), *((child,) if dead else ()))
+            cat.write(f"INSERT OR IGNORE INTO {table} ({key}, vertex, {cols}) "
+                      f"SELECT {key}, ?, {cols} FROM {table} WHERE vertex=?{bounds}{dead}",
+                      args)
+            if end is None:
+                break
+            after = tuple(end)
+            yield
+        yield
 
 
-def _rebase_refs(graph: Graph, w: Vertex, deleted_refs: dict[int, int]) -> None:
+def _delete_rows(cat: Catalog, table: str, key: str, vid: int) -> Iterator[None]:
+    while True:
+        end = _slice_end(cat, table, key, vid, None)
+        if end is None:
+            cat.write(f"DELETE FROM {table} WHERE vertex=?", (vid,))
+            return
+        cat.write(f"DELETE FROM {table} WHERE vertex=? AND ({key}) <= "
+                  f"({','.join('?' * len(end))})", (vid, *end))
+        yield
+
+
+def _rebase_refs(graph: Graph, w: Vertex, deleted_vertex: int, deleted_refs: dict[int, int],
+                 base: dict[int, int]) -> None:
+    """w's counts relative to its new parent, for the chunks the deleted vertex had rows
+    for (base: their counts in that parent, read in the slices)."""
     cat = graph.cat
-    mine = {c: r for c, r in cat.execute(
-        "SELECT chunk, refs FROM vertex_chunks WHERE vertex=?", (w.id,))}
-    for chunk in set(mine) | set(deleted_refs):
-        refs = mine.get(chunk, 0) + deleted_refs.get(chunk, 0)
-        base = 0 if w.parent is None else graph.count_in(w.parent, chunk)
-        count = base + refs
-        presence = 1 if base == 0 and count > 0 else -1 if base > 0 and count == 0 else 0
-        w.added.discard(chunk)
-        w.removed.discard(chunk)
-        if presence == 1:
-            w.added.add(chunk)
-        elif presence == -1:
-            w.removed.add(chunk)
+    # v's rows are still there (purged after finish): one indexed join, no per-chunk query
+    mine = dict(cat.execute(
+        "SELECT vc.chunk, vc.refs FROM vertex_chunks d JOIN vertex_chunks vc "
+        "ON vc.vertex=? AND vc.chunk=d.chunk WHERE d.vertex=?", (w.id, deleted_vertex)))
+    # in bulk where it can be: per chunk, BitMap.add/discard were 40 % of this step
+    touched = BitMap(deleted_refs)
+    w.added.difference_update(touched)
+    w.removed.difference_update(touched)
+    keep, drop, added, removed = [], [], [], []
+    for chunk, deleted in deleted_refs.items():
+        refs = mine.get(chunk, 0) + deleted
+        below = base.get(chunk, 0)
+        presence = 0
+        if below == 0 and refs > 0:  # counts never go negative
+            presence = 1
+            added.append(chunk)
+        elif below > 0 and below + refs == 0:
+            presence = -1
+            removed.append(chunk)
         if refs == 0 and presence == 0:
-            cat.write("DELETE FROM vertex_chunks WHERE vertex=? AND chunk=?", (w.id, chunk))
+            drop.append((w.id, chunk))
         else:
-            cat.write("INSERT OR REPLACE INTO vertex_chunks VALUES (?,?,?,?)",
-                      (w.id, chunk, refs, presence))
+            keep.append((w.id, chunk, refs, presence))
+    w.added.update(added)
+    w.removed.update(removed)
+    if drop:
+        cat.writemany("DELETE FROM vertex_chunks WHERE vertex=? AND chunk=?", drop)
+    if keep:
+        cat.writemany("INSERT OR REPLACE INTO vertex_chunks VALUES (?,?,?,?)", keep)
     w.delta = len(w.added)
     sets = (w.added.serialize(), w.removed.serialize()) if w.kind == "snapshot" else (None, None)
     cat.write("UPDATE vertices SET delta=?, added=?, removed=? WHERE id=?",
               (w.delta, *sets, w.id))
+

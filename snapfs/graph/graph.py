@@ -89,6 +89,8 @@ class Graph:
         self.by_name: dict[str, int] = {}
         self._refs: dict[int, DraftRefs] = {}
         self._chains: OrderedDict[int, dict[int, int]] = OrderedDict()
+        # vertices being deleted in steps (graph/delete.py): they get no new child
+        self.deleting: set[int] = set()
         self.version = 0  # bumped on every structural change (stats consistency, caches)
         self._load()
 
@@ -245,6 +247,8 @@ class Graph:
         check_name("volume", name)
         if name in self.volumes:
             raise AlreadyExists(f"volume {name!r} already exists")
+        if source is not None:
+            self.check_not_deleting(self.snapshot(source).id)
         if source is None:
             draft = self._new_vertex(None, "draft", name)
             now = time.time_ns()
@@ -264,6 +268,7 @@ class Graph:
             return self.vertices[vid]
         if not create:
             return None
+        self.check_not_deleting(snapshot_id)
         snap = self.vertices[snapshot_id]
         draft = self._new_vertex(snap.id, "draft", snap.volume)
         self.cat.write("INSERT INTO snapshot_drafts VALUES (?,?)", (snap.id, draft.id))
@@ -280,6 +285,8 @@ class Graph:
         draft = self.vertices[draft_id]
         if not draft.is_draft:
             raise Refused(f"vertex {draft_id} is already a snapshot")
+        if draft.parent is not None and self.snapshot_drafts.get(draft.parent) == draft.id:
+            self.check_not_deleting(draft.parent)  # it would become a child of it
         if label is None:
             label = self._default_label(draft.volume)
         name = self.check_label(draft.volume, label)
@@ -416,26 +423,22 @@ class Graph:
                 return True
         return False
 
-    def delete_snapshot(self, name: str) -> None:
-        """Delete a snapshot anywhere in the graph; its children are re-parented.
+    def check_not_deleting(self, vid: int) -> None:
+        """Refuse a new child (or pin) of a vertex being deleted."""
+        if vid in self.deleting:
+            raise Refused(f"snapshot {self.vertices[vid].name} is being deleted", errno=16)
 
-        The draft shown under .snapshots/NAME (if any) is deleted with it: the caller
-        refuses first when that draft holds changes (see Filesystem.delete_snapshot).
-        """
-        from snapfs.graph.delete import delete_vertex
-
-        v = self.snapshot(name)
-        draft = self.snapshot_drafts.pop(v.id, None)
+    def drop_snapshot_draft(self, snapshot_id: int) -> int | None:
+        """Forget the draft shown under .snapshots/S (the caller deletes its vertex)."""
+        draft = self.snapshot_drafts.pop(snapshot_id, None)
         if draft is not None:
-            self.cat.write("DELETE FROM snapshot_drafts WHERE snapshot=?", (v.id,))
-            delete_vertex(self, draft)
-        delete_vertex(self, v.id)
+            self.cat.write("DELETE FROM snapshot_drafts WHERE snapshot=?", (snapshot_id,))
+        return draft
 
-    def delete_volume(self, name: str) -> None:
-        """Delete a volume and its draft; its snapshots stay (delete them one by one)."""
-        from snapfs.graph.delete import delete_vertex
-
+    def drop_volume(self, name: str) -> int:
+        """Forget a volume; returns its draft (the caller deletes that vertex). Its
+        snapshots stay (delete them one by one)."""
         draft = self.volume_draft(name)
         del self.volumes[name]
         self.cat.write("DELETE FROM volumes WHERE name=?", (name,))
-        delete_vertex(self, draft.id)
+        return draft.id

@@ -12,6 +12,7 @@ import pytest
 import trio
 from unithelpers import CHUNK as CS
 from unithelpers import (
+    all_trees,
     assert_gone,
     close_and_fsck,
     mkfile,
@@ -694,34 +695,6 @@ async def test_group_commit_makes_pack_data_durable_before_the_catalog_reference
 
 
 # -- deleting snapshots and volumes ---------------------------------------------------------
-
-
-async def tree(view) -> dict:
-    """path -> content (files), target (symlinks) or None (directories) of a whole view."""
-    out = {}
-    stack = [(b"", ROOT_INO)]
-    while stack:
-        prefix, ino = stack.pop()
-        for name, child in view.listdir(ino):
-            node = view.get(child)
-            path = prefix + b"/" + name
-            if stat.S_ISDIR(node.mode):
-                out[path] = None
-                stack.append((path, child))
-            elif stat.S_ISLNK(node.mode):
-                out[path] = view.readlink(child)
-            else:
-                out[path] = await read_all(view, node)
-    return out
-
-
-async def all_trees(fs) -> dict:
-    from snapfs.vfs.view import PinnedView as _Pinned
-
-    trees = {s.name: await tree(_Pinned(fs, s.id)) for s in fs.graph.snapshots()}
-    for name in fs.graph.volumes:
-        trees[f"volume {name}"] = await tree(fs.volume_view(name))
-    return trees
 
 
 @trio_test

@@ -8,7 +8,7 @@ import stat
 import trio
 
 from snapfs.types import ROOT_INO
-from snapfs.vfs.view import Inode, View
+from snapfs.vfs.view import Inode, PinnedView, View
 
 FILE = stat.S_IFREG | 0o644
 CHUNK = 4096  # the smallest chunk size: many chunk boundaries in little data
@@ -122,3 +122,30 @@ def assert_gone(view: View, ino: int) -> None:
             assert e.errno == errno.ENOENT
         else:
             raise AssertionError(f"inode {ino} is still there")
+
+
+async def tree(view) -> dict:
+    """path -> content (files), target (symlinks) or None (directories) of a whole view."""
+    out = {}
+    stack = [(b"", ROOT_INO)]
+    while stack:
+        prefix, ino = stack.pop()
+        for name, child in view.listdir(ino):
+            node = view.get(child)
+            path = prefix + b"/" + name
+            if stat.S_ISDIR(node.mode):
+                out[path] = None
+                stack.append((path, child))
+            elif stat.S_ISLNK(node.mode):
+                out[path] = view.readlink(child)
+            else:
+                out[path] = await read_all(view, node)
+    return out
+
+
+async def all_trees(fs) -> dict:
+    """tree() of every snapshot and every volume."""
+    trees = {s.name: await tree(PinnedView(fs, s.id)) for s in fs.graph.snapshots()}
+    for name in fs.graph.volumes:
+        trees[f"volume {name}"] = await tree(fs.volume_view(name))
+    return trees
