@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -405,3 +406,45 @@ def test_a_crash_after_an_unsynced_truncate_never_brings_old_bytes_back(fresh_mo
     got = read_bytes(path)
     want = old if size == 10_000 else old[:100] + bytes(9_900)
     assert got == want, f"size {size} after the crash, {sum(map(bool, got[100:]))} old bytes"
+
+
+@pytest.mark.slow
+def test_sigkill_during_snapshot_deletions_leaves_each_whole_or_gone(fresh_mount):
+    """A deletion runs in slices, then one step, then a purge of rows (graph/delete.py):
+    killed at any moment, the snapshot is there whole or gone, every other tree is
+    unchanged, fsck passes, and the next mount finishes what was left."""
+    m = fresh_mount
+    m.require_snapfs("snapshot deletion")
+    m.expect_log(r" WARNING ")
+    for d in range(5):
+        (m.vol / f"d{d}").mkdir()
+        for i in range(400):
+            write_bytes(m.vol / f"d{d}" / f"f{i}", data(200 + i, seed=d * 1000 + i))
+    snaps = {}
+    for rnd, delay in enumerate((0.05, 0.15, 0.22, 0.3, 0.6)):
+        write_bytes(m.vol / f"d{rnd}" / "f0", data(300, seed=-rnd))  # each its own delta
+        label = f"r{rnd}"
+        snaps[label] = tree_contents(m.commit(m.vol, label))
+        victim = min(snaps)
+        volume = tree_contents(m.vol)
+        proc = subprocess.Popen([snapfs_bin(), "-C", m.mnt, "snapshot", "delete",
+                                 f"vol@{victim}"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=m.environ())
+        time.sleep(delay)
+        m.kill_daemon()
+        proc.wait(timeout=60)
+        m.fsck()
+        m.mount()
+        listed = set(os.listdir(m.mnt / ".snapshots"))
+        if f"vol@{victim}" not in listed:
+            del snaps[victim]
+        assert listed == {f"vol@{s}" for s in snaps}, (delay, listed)
+        for s, tree in snaps.items():
+            assert tree_contents(m.mnt / ".snapshots" / f"vol@{s}") == tree, (delay, s)
+        assert tree_contents(m.vol) == volume, delay
+    m.run_cli("-C", m.mnt, "gc")  # (the first background pass would do the same)
+    m.umount()
+    m.fsck()
+    with sqlite3.connect(m.repo / "meta.db") as db:  # the purges were all finished
+        assert db.execute("SELECT value FROM meta WHERE key='purge'").fetchone() in (None, ("",))
+    m.mount()
