@@ -53,16 +53,6 @@ COUNT_SLICE = 500  # chunks counted in the parent per slice (a query each)
 PURGE_KEY = "purge"
 
 
-def delete_vertex(graph: Graph, vid: int) -> None:
-    """All steps at once (a caller with nobody else to serve: tests, one-shot tools)."""
-    deletion = Deletion(graph, vid)
-    for _ in deletion.steps():
-        pass
-    deletion.finish()
-    for _ in purge_steps(graph.cat, vid):
-        pass
-
-
 class Deletion:
     """One vertex being deleted; graph.deleting names it until finish() or abort()."""
 
