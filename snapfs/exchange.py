@@ -21,14 +21,15 @@ Import verifies the whole bundle (spooled to a file first) before it changes any
 refuses a bundle whose base it lacks (naming it), a bundle from itself, and a second
 import of the same bundle (a no-op while the snapshot it made exists). The bundle's
 chunks are stored first, in batches, without keeping their data in memory; then the
-snapshot's rows are written, in slices between the daemon's other requests, while no
-commit may happen, and its vertex is added last: one durable commit makes the snapshot
-whole. A kill in the middle leaves the repository as it was, plus unreferenced chunks
-for the collector.
+snapshot's rows are written, in slices between the daemon's other requests, under a
+vertex id listed for purging, and its vertex is added last (and the id unlisted): one
+durable commit makes the snapshot whole. A kill in the middle leaves the repository as
+it was, plus rows the next mount purges and unreferenced chunks for the collector.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -40,7 +41,7 @@ import tempfile
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import BinaryIO
 
 import trio
@@ -61,6 +62,7 @@ from snapfs.crypto.sitekeys import (
 from snapfs.errors import AlreadyExists, FormatError, NotFound, Refused, UsageError
 from snapfs.fsck import tree_count_steps
 from snapfs.graph import accounting
+from snapfs.graph.delete import list_for_purge, unlist
 from snapfs.graph.graph import Vertex
 from snapfs.types import ROOT_INO
 from snapfs.vfs.fs import Filesystem
@@ -331,7 +333,7 @@ async def apply_verified(fs: Filesystem, spool: BinaryIO, bundle_id: str) -> dic
     ids: dict[int, int] = {}  # chunk record n -> chunk id (pinned; 0 for a hole)
     try:
         rows = await _store_chunks(fs, records, ids)
-        async with fs.chunks.commit_lock:
+        async with fs.import_lock:
             result = await _add_snapshot(fs, header, rows, ids, bundle_id)
         await fs.commit_catalog(durable=True)  # durable before the answer
         return result
@@ -421,44 +423,47 @@ def _check_header(fs: Filesystem, header: dict) -> int | None:
 
 async def _add_snapshot(fs: Filesystem, header: dict, rows: dict[str, list],
                         ids: dict[int, int], bundle_id: str) -> dict:
-    """The snapshot's rows and reference counts, then its vertex; the caller holds the
-    chunk store's commit lock.
+    """The snapshot's rows and reference counts, then its vertex; the caller holds
+    fs.import_lock (imports one at a time).
 
     The rows are written and the trees counted in slices, with the daemon's other
     requests served in between, under a vertex id the graph does not know yet: no view's
-    chain holds it, so nothing sees them, and no commit can make part of them durable
-    (commits wait for the lock), so a crash leaves none. Imports wait for each other on
-    that lock; the base is pinned against deletion meanwhile. The vertex itself is added
-    last, in one step without an await, after the header is checked again (a commit may
-    have made a snapshot of the same name meanwhile). On any failure the rows are
-    deleted again by vertex, not rolled back: the open transaction holds other requests'
-    writes as well."""
+    chain holds it, so nothing sees them. The id is listed for purging first (meta
+    'purge', graph/delete.py), in the same transaction as the rows: group commits and
+    fsyncs go on meanwhile and may make some of the rows durable, and after a crash the
+    next mount deletes them (fsck does not check them). The base is pinned against
+    deletion meanwhile. The vertex itself is added last, in one step without an await,
+    after the header is checked again (a commit may have made a snapshot of the same
+    name meanwhile), and the id unlisted in that same step. On a failure the id stays
+    listed and the collector's next pass deletes the rows: not a rollback, which would
+    take other requests' writes in the open transaction with them."""
     g = fs.graph
     if (done := _already_imported(fs, bundle_id)) is not None:
         return done  # the same bundle, imported by another request while this one stored
     parent = _check_header(fs, header)
-    vid = g.reserve_vertex_id()
-    if parent is not None:
-        fs.pin(parent)  # its rows are read between slices: not deletable meanwhile
-    try:
-        if int(fs.cat.meta_get("next_ino", 2)) <= header["max_ino"]:
-            fs.cat.meta_set("next_ino", header["max_ino"] + 1)  # before any create meanwhile
-        await _write_rows(fs, vid, parent, rows, ids)
-        mine, base = await _count_trees(fs, vid, parent)
-        changes = await _write_vertex_chunks(fs, vid, mine, base)
-        _check_header(fs, header)  # a commit may have made a snapshot of that name
-        snap = header["snapshot"]
-        v = g.add_imported(parent, snap["volume"], snap["label"], snap["created"],
-                           snap["uuid"], vid=vid)
-        _account(fs, v, changes, len(mine))
-        fs.cat.write("INSERT OR REPLACE INTO imports VALUES (?,?,?)",
-                     (bundle_id, v.id, time.time()))
-    except BaseException:
-        _remove_vertex(fs, vid)
-        raise
-    finally:
-        if parent is not None:
-            fs.unpin(parent)
+    with _pinned(fs, parent):  # its rows are read between slices: not deletable meanwhile
+        vid = g.reserve_vertex_id()
+        list_for_purge(fs.cat, vid)
+        fs.importing.add(vid)
+        try:
+            if int(fs.cat.meta_get("next_ino", 2)) <= header["max_ino"]:
+                fs.cat.meta_set("next_ino", header["max_ino"] + 1)  # before any create
+            await _write_rows(fs, vid, parent, rows, ids)
+            mine, base = await _count_trees(fs, vid, parent)
+            changes = await _write_vertex_chunks(fs, vid, mine, base)
+            _check_header(fs, header)  # a commit may have made a snapshot of that name
+            snap = header["snapshot"]
+            v = g.add_imported(parent, snap["volume"], snap["label"], snap["created"],
+                               snap["uuid"], vid=vid)
+            _account(fs, v, changes, len(mine))
+            fs.cat.write("INSERT OR REPLACE INTO imports VALUES (?,?,?)",
+                         (bundle_id, v.id, time.time()))
+            unlist(fs.cat, vid)  # the rows are the snapshot's now
+        except BaseException:
+            _abandon(fs, vid)
+            raise
+        finally:
+            fs.importing.discard(vid)
     log.info("imported %s (delta %d chunks, %d new)", v.name, v.delta, len(ids))
     return {"snapshot": v.name, "parent": g.vertices[parent].name if parent else None,
             "delta": v.delta, "chunks_received": len(ids)}
@@ -513,14 +518,27 @@ async def _count_trees(fs: Filesystem, vid: int, parent: int | None
     return mine, base
 
 
-def _remove_vertex(fs: Filesystem, vid: int) -> None:
-    """Undo a failed import: every row written under vid, and the vertex if it was added
-    (no await: the graph is re-read from the catalog only if it knew the vertex)."""
-    for table in ("inodes", "dirents", "blocks", "xattrs", "vertex_chunks", "imports"):
-        fs.cat.write(f"DELETE FROM {table} WHERE vertex=?", (vid,))
+@contextlib.contextmanager
+def _pinned(fs: Filesystem, vid: int | None) -> Iterator[None]:
+    if vid is None:
+        yield
+        return
+    fs.pin(vid)
+    try:
+        yield
+    finally:
+        fs.unpin(vid)
+
+
+def _abandon(fs: Filesystem, vid: int) -> None:
+    """After a failed import: the vertex goes if it was added (no await: the graph is
+    re-read from the catalog), and the rows written under vid are left to the purge."""
     if vid in fs.graph.vertices:
         fs.cat.write("DELETE FROM vertices WHERE id=?", (vid,))
+        fs.cat.write("DELETE FROM imports WHERE vertex=?", (vid,))
         fs.graph.reload()
+    list_for_purge(fs.cat, vid)
+    fs.want_gc()
 
 
 async def _write_vertex_chunks(fs: Filesystem, vid: int, mine: Counter, base: Counter

@@ -123,24 +123,34 @@ class Deletion:
         graph.version += 1
         for child in children:
             _rebase_refs(graph, graph.vertices[child], self.vid, self.own_refs, self.base)
-        listed = pending_purges(cat)
-        cat.meta_set(PURGE_KEY, ",".join(str(p) for p in [*listed, self.vid]))
+        list_for_purge(cat, self.vid)
         graph.deleting.discard(self.vid)
 
 
 def pending_purges(cat: Catalog) -> list[int]:
-    """Vertices deleted whose rows are not all gone yet."""
+    """Vertex ids whose rows are garbage: vertices deleted whose rows are not all gone
+    yet, and the ids an import writes rows under before it adds its vertex (exchange.py:
+    listed until then, so that a crash leaves rows the next mount deletes)."""
     value = cat.meta_get(PURGE_KEY, "")
     return [int(p) for p in str(value).split(",") if p]
 
 
+def list_for_purge(cat: Catalog, vid: int) -> None:
+    listed = pending_purges(cat)
+    if vid not in listed:
+        cat.meta_set(PURGE_KEY, ",".join(str(p) for p in [*listed, vid]))
+
+
+def unlist(cat: Catalog, vid: int) -> None:
+    cat.meta_set(PURGE_KEY, ",".join(str(p) for p in pending_purges(cat) if p != vid))
+
+
 def purge_steps(cat: Catalog, vid: int) -> Iterator[None]:
-    """Delete the rows of a vertex finish() removed, in slices; then unlist it."""
+    """Delete the rows of a listed vertex id in slices; then unlist it."""
     for table, (key, _) in ROW_TABLES.items():
         yield from _delete_rows(cat, table, key, vid)
     yield from _delete_rows(cat, "vertex_chunks", "chunk", vid)
-    listed = [p for p in pending_purges(cat) if p != vid]
-    cat.meta_set(PURGE_KEY, ",".join(str(p) for p in listed))
+    unlist(cat, vid)
 
 
 def _slice_end(cat: Catalog, table: str, key: str, vid: int, after: tuple | None):

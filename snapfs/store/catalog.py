@@ -5,8 +5,9 @@ snapshot shares every unchanged row with its ancestors and a commit writes nothi
 the vertex row itself. The version of an item seen from vertex v is the row whose vertex
 is the nearest ancestor-or-self of v (see vfs/view.py).
 
-    meta(key, value)               format, next_ino, next_vertex, purge (ids of deleted
-                                   vertices whose rows are still being deleted)...
+    meta(key, value)               format, next_ino, next_vertex, purge (vertex ids
+                                   whose rows are garbage: deleted vertices, imports
+                                   not finished; graph/delete.py)...
     vertices(id, parent, kind, volume, label, name, created, sealed, delta, referenced,
              added, removed)
         kind 'snapshot' (immutable, named VOLUME@LABEL) or 'draft' (writable).

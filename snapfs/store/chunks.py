@@ -108,9 +108,6 @@ class ChunkManager:
         self.reads_inline = 0  # records read on the event loop's thread (page cache hits)
         self.reads_thread = 0  # records read in a worker thread (would have waited)
         self._pending: dict[bytes, trio.Event] = {}
-        # Held while the open catalog transaction must not be committed (commit_catalog
-        # waits): an import writes a snapshot's rows between other requests (exchange).
-        self.commit_lock = trio.Lock()
         self.pinned: Counter[int] = Counter()
 
     def identity(self, payload: bytes) -> bytes:
@@ -223,8 +220,7 @@ class ChunkManager:
 
     async def commit_catalog(self, commit: Callable[[], None] | None = None) -> None:
         """End the catalog's open transaction (commit, by default Catalog.commit), never
-        before the pack records it references are durable, and never while commit_lock
-        is held (an import writing the rows of a snapshot that is not whole yet).
+        before the pack records it references are durable.
 
         A location is recorded only after its append returned, having set the pack's
         unsynced flag: with the flag clear, every record the catalog points at is durable.
@@ -234,15 +230,14 @@ class ChunkManager:
         after one sync and an await: a store in between had its location committed
         before its record was durable.
         """
-        async with self.commit_lock:
-            for _ in range(3):
-                if not self.packs.unsynced:
-                    break
-                await trio.to_thread.run_sync(self.packs.sync)
-            else:
-                if self.packs.unsynced:
-                    self.packs.sync()
-            (commit or self.cat.commit)()
+        for _ in range(3):
+            if not self.packs.unsynced:
+                break
+            await trio.to_thread.run_sync(self.packs.sync)
+        else:
+            if self.packs.unsynced:
+                self.packs.sync()
+        (commit or self.cat.commit)()
 
     async def put_many(self, payloads: list[bytes], sync: bool = False) -> list[int]:
         """Store a batch of payloads; one thread hop for hashing (none for a small

@@ -124,6 +124,8 @@ class Filesystem:
         self._throttle_lock = trio.Lock()
         self._gc_lock = trio.Lock()
         self._delete_lock = trio.Lock()  # one deletion (in slices) at a time
+        self.import_lock = trio.Lock()  # one import's rows at a time (exchange.py)
+        self.importing: set[int] = set()  # vertex ids an import is writing rows under
         self._complete: list[tuple[View, Inode, int]] = []  # filled by sequential writers
         self._complete_wake = trio.Event()
         self._complete_worker_running = False  # without it (tests, CLI) nothing is queued
@@ -916,9 +918,11 @@ class Filesystem:
         self.want_gc()
 
     async def purge(self) -> None:
-        """Delete the rows of deleted vertices, in slices (graph/delete.py)."""
+        """Delete the rows of deleted vertices and of abandoned imports, in slices
+        (graph/delete.py); not those of an import still running."""
         for vid in pending_purges(self.cat):
-            await self._run_steps(purge_steps(self.cat, vid))
+            if vid not in self.importing:
+                await self._run_steps(purge_steps(self.cat, vid))
 
     @staticmethod
     async def _run_steps(steps: Iterable[None]) -> None:
