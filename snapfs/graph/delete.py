@@ -142,7 +142,11 @@ def list_for_purge(cat: Catalog, vid: int) -> None:
 
 
 def unlist(cat: Catalog, vid: int) -> None:
-    cat.meta_set(PURGE_KEY, ",".join(str(p) for p in pending_purges(cat) if p != vid))
+    rest = [p for p in pending_purges(cat) if p != vid]
+    if rest:
+        cat.meta_set(PURGE_KEY, ",".join(str(p) for p in rest))
+    else:  # as if there had never been one: an import adds nothing to the catalog but itself
+        cat.write("DELETE FROM meta WHERE key=?", (PURGE_KEY,))
 
 
 def purge_steps(cat: Catalog, vid: int) -> Iterator[None]:
