@@ -19,6 +19,7 @@ import trio
 
 from snapfs import control
 from snapfs.errors import SnapfsError, UsageError
+from snapfs.fuse import gcpolicy
 from snapfs.fuse.loopwatch import LoopWatch
 from snapfs.fuse.ops import SnapfsOperations
 from snapfs.repository import Repository
@@ -189,6 +190,7 @@ async def _main(fs: Filesystem, repo: Repository, commit_every: float | None,
                 ready_fd: int | None, watch: LoopWatch) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch.run)
+        nursery.start_soon(gcpolicy.run, watch.activity)
         nursery.start_soon(fs.background)
         nursery.start_soon(control.serve, fs, repo.paths.sock)
         nursery.start_soon(_signals)
