@@ -522,8 +522,9 @@ async def _write_rows(fs: Filesystem, vid: int, parent: int | None, rows: dict[s
     ]
     for sql, items, make in tables:
         for i in range(0, len(items), IMPORT_SLICE):
+            start = time.monotonic()
             fs.cat.writemany(sql, [make(r) for r in items[i:i + IMPORT_SLICE]])
-            await trio.sleep(0)
+            await fs.between_slices(time.monotonic() - start)
 
 
 async def _count_trees(fs: Filesystem, vid: int, parent: int | None
@@ -573,6 +574,7 @@ async def _write_vertex_chunks(fs: Filesystem, vid: int, mine: Counter, base: Co
     changes = []
     chunks = list(mine.keys() | base.keys())
     for i in range(0, len(chunks), IMPORT_SLICE):
+        start = time.monotonic()
         rows = []
         for chunk in chunks[i:i + IMPORT_SLICE]:
             refs = mine[chunk] - base[chunk]
@@ -582,7 +584,7 @@ async def _write_vertex_chunks(fs: Filesystem, vid: int, mine: Counter, base: Co
         if rows:
             fs.cat.writemany("INSERT INTO vertex_chunks VALUES (?,?,?,?)", rows)
             changes += rows
-        await trio.sleep(0)
+        await fs.between_slices(time.monotonic() - start)
     return changes
 
 
