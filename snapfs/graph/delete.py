@@ -13,15 +13,17 @@ Deleting v (leaf, middle, branch point or root):
 3. The vertex is removed and listed in meta 'purge'; then its rows are deleted. Chunks
    that no added set holds any more are garbage; the collector (store/gc.py) frees them.
 
-It runs in steps so that a mounted filesystem keeps answering between them (a deletion
-of a million-file snapshot in one step held the event loop for seconds):
+It runs in steps so that a mounted filesystem keeps answering between them (in one
+step, deleting a 50,000-file snapshot held the event loop for 0.37-0.66 s):
 
-* Deletion.steps(): the merge (1) and the counts that step 2 needs, in slices of about
-  SLICE rows. Invisible: a child resolves a copied row exactly as it resolved v's, and
-  the counts are only read. A crash after any slice leaves a consistent catalog (the
-  copies stay, harmless), and nothing is listed anywhere.
-* Deletion.finish(): one step, O(v's vertex_chunks rows): vertex removed, children
-  re-parented and rebased, v listed for purging, all in the same transaction.
+* Deletion.steps(): the merge (1), the counts that step 2 needs, and the new counts of
+  the children that are snapshots, in slices of about SLICE rows. Invisible: a child
+  resolves a copied row exactly as it resolved v's, and the counts are only read. A
+  crash after any slice leaves a consistent catalog (the copies stay, harmless), and
+  nothing is listed anywhere.
+* Deletion.finish(): one step: vertex removed, children re-parented and their counts
+  written (a draft child's worked out here: O(v's vertex_chunks rows)), v listed for
+  purging, all in the same transaction.
 * purge_steps(): v's rows deleted in slices, then v unlisted. The collector resumes a
   purge a crash interrupted (vfs/fs.py); fsck ignores the rows of listed vertices.
 
@@ -29,7 +31,7 @@ Between the steps the caller guarantees (vfs/fs.py: one deletion at a time, and
 graph.deleting refuses new children and pins of v): v gets no new child and no
 vertex on v's chain goes away. A child may change its own rows meanwhile (a volume's
 draft being written): a copy never replaces a row of the child's own (INSERT OR IGNORE),
-and its counts are read only in finish().
+and a draft's counts are read only in finish(). A snapshot child cannot change.
 """
 
 from __future__ import annotations
