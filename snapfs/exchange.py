@@ -539,8 +539,10 @@ async def _count_trees(fs: Filesystem, vid: int, parent: int | None
     if parent is not None:
         views.append((PinnedView(fs, parent), base))
     for view, counts in views:
+        start = time.monotonic()
         for _ in tree_count_steps(view, counts, COUNT_SLICE):
-            await trio.sleep(0)
+            await fs.between_slices(time.monotonic() - start)
+            start = time.monotonic()
     return mine, base
 
 

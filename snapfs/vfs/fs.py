@@ -886,7 +886,7 @@ class Filesystem:
             if view is not None:
                 self.on_view_changed(view)
             log.info("deleted snapshot %s", name)
-            await self.purge()
+            await self._purge_after_delete()
         self.want_gc()
 
     def _check_snapshot_unused(self, vid: int, name: str, force: bool) -> None:
@@ -915,8 +915,17 @@ class Filesystem:
                 del self.volume_views[name]
                 self.on_view_changed(view)
             log.info("deleted volume %s", name)
-            await self.purge()
+            await self._purge_after_delete()
         self.want_gc()
+
+    async def _purge_after_delete(self) -> None:
+        """The deletion is done and durable: a purge that fails now (a full disk at one
+        of its commits) is not its failure; the next collection retries it."""
+        try:
+            await self.purge()
+        except Exception as e:
+            log.warning("deleting the rows of deleted vertices failed (%s); the next "
+                        "collection tries again", e)
 
     async def purge(self) -> None:
         """Delete the rows of deleted vertices and of abandoned imports, in slices

@@ -169,3 +169,32 @@ async def test_a_snapshot_being_deleted_gets_no_new_child(fs, view):
     fs.graph.create_volume("clone", source="v@s2")
     await write_file(snapshot_view, b"x", b"data")
     assert_stats_match_oracle(fs)
+
+
+@trio_test
+async def test_a_purge_that_fails_after_a_deletion_is_left_to_the_collector(
+        fs, view, repo_path, monkeypatch, caplog):
+    """The deletion is durable before its rows are purged: a purge that meets a full disk
+    does not make the deletion fail; the next collection purges."""
+    import logging
+
+    from snapfs.vfs import fs as fs_module
+
+    await history(fs, view)
+    s1 = fs.graph.snapshot("v@s1").id
+    real_purge_steps = fs_module.purge_steps
+
+    def full_disk(cat, vid):
+        yield
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs_module, "purge_steps", full_disk)
+    with caplog.at_level(logging.WARNING):
+        await fs.delete_snapshot("v@s1")
+    assert "v@s1" not in fs.graph.by_name and pending_purges(fs.cat) == [s1]
+    assert any("No space left" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(fs_module, "purge_steps", real_purge_steps)
+    await fs.gc()
+    assert pending_purges(fs.cat) == [] and rows_of(fs, s1) == 0
+    assert_stats_match_oracle(fs)
+    assert await close_and_fsck(fs, repo_path) == []
