@@ -11,7 +11,9 @@ So, while requests come in, everything that exists is frozen once a second
 (`gc.freeze`: later collections skip it, and reference counting still frees it), and
 automatic collections only scan what the last second allocated. Once no request has come
 for IDLE seconds, everything is unfrozen, collected once, and frozen again: cyclic
-garbage is freed then, at a moment when a pause keeps nobody waiting.
+garbage is freed then, at a moment when a pause keeps nobody waiting. A daemon that is
+never idle that long still gets that full collection every MAX_UNSWEPT seconds, so the
+cycles it makes (about 13 objects per 1,000 requests above) cannot pile up for days.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ log = logging.getLogger("snapfs.daemon")
 
 EVERY = 1.0  # seconds between two looks at the request count
 IDLE = 10.0  # seconds without a request before the full collection
+MAX_UNSWEPT = 600.0  # seconds between two full collections at most, idle or not
 
 
-async def run(activity: Callable[[], int], *, every: float = EVERY, idle: float = IDLE) -> None:
+async def run(activity: Callable[[], int], *, every: float = EVERY, idle: float = IDLE,
+              max_unswept: float = MAX_UNSWEPT) -> None:
     """The policy's task: run it in the daemon's nursery until the mount ends.
 
     activity: a count that grows while requests are being served."""
     gc.freeze()  # what the mount set up
     last, quiet_since, swept = activity(), trio.current_time(), True
+    last_sweep = trio.current_time()
     try:
         while True:
             await trio.sleep(every)
@@ -42,9 +47,9 @@ async def run(activity: Callable[[], int], *, every: float = EVERY, idle: float 
             if count != last:
                 last, quiet_since, swept = count, now, False
                 gc.freeze()
-            elif not swept and now - quiet_since >= idle:
+            if (not swept and now - quiet_since >= idle) or now - last_sweep >= max_unswept:
                 sweep()
-                swept = True
+                swept, last_sweep = True, now
     finally:
         gc.unfreeze()
 

@@ -56,6 +56,33 @@ def test_busy_freezes_and_idle_sweeps_cyclic_garbage():
     assert gc.get_freeze_count() == 0  # the task unfroze everything when it ended
 
 
+def test_a_daemon_never_idle_still_gets_a_full_collection_now_and_then():
+    requests = [0]
+    seen: dict[str, int] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: gcpolicy.run(lambda: requests[0], every=1, idle=10,
+                                                    max_unswept=20))
+            garbage = _Node()
+            marker = id(garbage)
+            del garbage
+            for second in range(30):  # a request every second: never idle
+                requests[0] += 1
+                await trio.sleep(1)
+                if second == 15:
+                    seen["at 15 s"] = _count_of(marker)
+            seen["at 30 s"] = _count_of(marker)
+            nursery.cancel_scope.cancel()
+
+    gc.collect()
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        gc.unfreeze()
+    assert seen == {"at 15 s": 1, "at 30 s": 0}
+
+
 def _count_of(marker: int) -> int:
     """1 if the _Node whose id is marker still exists (frozen or not), else 0."""
     gc.unfreeze()  # get_objects does not list frozen objects
