@@ -31,6 +31,7 @@ import trio
 from snapfs.errors import FsError, IntegrityError, SnapfsError, is_disk_full
 from snapfs.ratelimit import Every
 from snapfs.types import ROOT_INO
+from snapfs.vfs import acl
 from snapfs.vfs.fs import Filesystem
 from snapfs.vfs.view import Inode, View
 
@@ -127,6 +128,7 @@ class Handle:
 
 class SnapfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
+    enable_acl = True  # the kernel enforces POSIX ACLs; vfs/acl.py keeps modes in step
 
     def __init__(self, fs: Filesystem) -> None:
         super().__init__()
@@ -335,7 +337,7 @@ class SnapfsOperations(pyfuse3.Operations):
         if parent_inode == SNAPSHOTS_INO:
             return self._counted(await self._mkdir_snapshot(name))
         view, pnode = self._resolve_dir(parent_inode)
-        node = view.mkdir(pnode.ino, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        node = view.mkdir(pnode.ino, name, mode, ctx.uid, ctx.gid, ctx.umask)
         return self._counted(self._attrs(view, node))
 
     def _mkdir_volume(self, name: bytes) -> pyfuse3.EntryAttributes:
@@ -361,8 +363,7 @@ class SnapfsOperations(pyfuse3.Operations):
     @handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         view, pnode = self._resolve_dir(parent_inode)
-        node = view.mknod(pnode.ino, name, mode & ~ctx.umask | (mode & stat.S_IFMT(mode)),
-                          rdev, ctx.uid, ctx.gid)
+        node = view.mknod(pnode.ino, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask)
         return self._counted(self._attrs(view, node))
 
     @handler
@@ -441,8 +442,8 @@ class SnapfsOperations(pyfuse3.Operations):
     @handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         view, pnode = self._resolve_dir(parent_inode)
-        node = view.mknod(pnode.ino, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), 0,
-                          ctx.uid, ctx.gid)
+        node = view.mknod(pnode.ino, name, stat.S_IFREG | (mode & 0o7777), 0,
+                          ctx.uid, ctx.gid, ctx.umask)
         node.opens += 1
         fh = self._new_fh(Handle(view, node))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._counted(self._attrs(view, node))
@@ -556,7 +557,8 @@ class SnapfsOperations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode, name, value, ctx):
         view, node = self._resolve_dir(inode)
-        view.setxattr(node.ino, name, value)
+        view.setxattr(node.ino, name, value,
+                      keep_sgid=name != acl.ACCESS or _in_group_or_capable(ctx, node.gid))
 
     async def getxattr(self, inode, name, ctx):
         # not wrapped in @handler: the kernel asks for security.capability before every
@@ -601,6 +603,22 @@ class SnapfsOperations(pyfuse3.Operations):
         s.f_ffree = s.f_favail = s.f_files - used
         s.f_namemax = 255
         return s
+
+
+def _in_group_or_capable(ctx: pyfuse3.RequestContext, gid: int) -> bool:
+    """Whether the caller may keep a file's set-group-id bit (the kernel's
+    in_group_or_capable): root, or gid is its file system gid or a supplementary group.
+    pyfuse3 passes no supplementary groups, so they are read from /proc."""
+    if ctx.uid == 0 or ctx.gid == gid:
+        return True
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return gid in {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _invalidate_inodes(finos: list[int]) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from snapfs.errors import FsError, IntegrityError, is_disk_full
+from snapfs.vfs import acl
 from snapfs.vfs.buffers import (
     PAGE,
     SMALL_BUFFER,
@@ -164,21 +165,13 @@ XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 XATTR_LIST_MAX = 65536  # the kernel's limit on listxattr's answer: names, NUL-terminated
 
 
-def _refuse_acl(name: bytes) -> None:
-    """POSIX ACLs are not supported (pyfuse3 cannot ask the kernel to enforce them):
-    refuse them the way ext4 mounted with noacl does, so that cp -a and tar fall back to
-    plain modes instead of storing an ACL nobody applies."""
-    if name.startswith(b"system.posix_acl_"):
-        raise FsError(errno.EOPNOTSUPP)
-
-
 def _check_xattr_namespace(name: bytes) -> None:
-    """Set only names of the namespaces Linux file systems store; any other (system.*,
-    "bogus.x") gets EOPNOTSUPP as on ext4 and tmpfs. The kernel hands a FUSE file system
-    every name, so this is ours to check (its permission checks, trusted.* for
-    CAP_SYS_ADMIN and user.* only on files and directories, it does itself)."""
-    _refuse_acl(name)
-    if not name.startswith(XATTR_NAMESPACES):
+    """Set only names of the namespaces Linux file systems store, and the two POSIX ACL
+    names; any other (system.*, "bogus.x") gets EOPNOTSUPP as on ext4 and tmpfs. The
+    kernel hands a FUSE file system every name, so this is ours to check (its
+    permission checks, trusted.* for CAP_SYS_ADMIN and user.* only on files and
+    directories, it does itself)."""
+    if not name.startswith(XATTR_NAMESPACES) and name not in acl.NAMES:
         raise FsError(errno.EOPNOTSUPP)
 
 
@@ -397,6 +390,7 @@ class View:
                      size, now, now, now, rdev, target, row_txn=self.cat.commits)
         if node.is_dir:
             node.entries = {}
+        node.xattrs = {}  # a new inode has no rows to read them from
         self.inodes[node.ino] = node
         self._save(node)
         return node
@@ -486,7 +480,11 @@ class View:
                 node = self.inodes[ino] = Inode(*fields)
                 node.row_txn = node.attrs_txn = self.cat.commits
 
-    def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int, **kw) -> Inode:
+    def _create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                umask: int = 0, **kw) -> Inode:
+        """A new node in parent. Its permission bits are mode's without the umask, or,
+        under a directory with a default ACL, masked by that ACL instead (which a new
+        directory also inherits), as on a local file system with ACLs."""
         _check_name(name)
         dir_node = self.get(parent)
         entries = self.entries(dir_node)
@@ -494,7 +492,17 @@ class View:
             raise FsError(errno.ENOENT)
         if name in entries:
             raise FsError(errno.EEXIST)
+        default = None if stat.S_ISLNK(mode) else self._default_acl(dir_node)
+        access = None
+        if default is None:
+            mode &= ~(umask & 0o777)
+        else:
+            access, mode = acl.inherit(default, mode)
         node = self._new_inode(mode, uid, gid, dir_node, **kw)
+        if default is not None and node.is_dir:
+            self._put_xattr(node, acl.DEFAULT, acl.dump(default))
+        if access is not None and not acl.is_minimal(access):
+            self._put_xattr(node, acl.ACCESS, acl.dump(access))
         self._set_entry(dir_node, name, node.ino)
         if node.is_dir:
             dir_node.nlink += 1
@@ -502,13 +510,19 @@ class View:
         self._save(dir_node)
         return node
 
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
-        return self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+    def _default_acl(self, dir_node: Inode) -> acl.Acl | None:
+        value = self._xattrs(dir_node).get(acl.DEFAULT)
+        return acl.parse(value) if value is not None else None
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+              umask: int = 0) -> Inode:
+        return self._create(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid, umask)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+              umask: int = 0) -> Inode:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
-        return self._create(parent, name, mode, uid, gid, rdev=rdev)
+        return self._create(parent, name, mode, uid, gid, umask, rdev=rdev)
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if len(target) > 4095:
@@ -795,6 +809,9 @@ class View:
             await self.truncate(node, size)
         if mode is not None:
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            access = self._xattrs(node).get(acl.ACCESS)
+            if access is not None:  # chmod changes the ACL's owner, mask and other entries
+                self._put_xattr(node, acl.ACCESS, acl.dump(acl.chmod(acl.parse(access), mode)))
         if uid is not None and uid != -1 and uid != 0xFFFFFFFF:
             node.uid = uid
         if gid is not None and gid != -1 and gid != 0xFFFFFFFF:
@@ -835,13 +852,16 @@ class View:
     def find_xattr(self, ino: int, name: bytes) -> bytes | None:
         """The value, or None: the kernel asks for security.capability before every
         write, and the answer is almost always "none", so that path raises nothing."""
-        _refuse_acl(name)
         return self._xattrs(self.get(ino)).get(name)
 
     def listxattr(self, ino: int) -> list[bytes]:
         return sorted(self._xattrs(self.get(ino)))
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, *,
+                 keep_sgid: bool = True) -> None:
+        """Set an xattr. keep_sgid=False: the caller is neither in the file's group nor
+        privileged, and setting an access ACL then clears the set-group-id bit (the
+        kernel leaves that to a FUSE file system, as it does the mode: see acl.py)."""
         if not name or len(name) > 255:
             raise FsError(errno.ERANGE)
         _check_xattr_namespace(name)
@@ -857,27 +877,55 @@ class View:
             # past this the kernel cannot list the names any more (E2BIG for listxattr,
             # so getfattr -d, cp -a and rsync -X fail on the file): refuse the name instead
             raise FsError(errno.ENOSPC)
-        attrs[name] = bytes(value)
-        if not node.rowless:
-            self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
-                           (ino, self.meta.xname_enc(ino, name), self.draft_id(),
-                            self.meta.xvalue_enc(ino, name, bytes(value))))
-            node.row_txn = self.cat.commits
+        if name in acl.NAMES:
+            self._set_acl(node, name, acl.parse(value), keep_sgid)
+        else:
+            self._put_xattr(node, name, bytes(value))
         self._touch(node, mtime=False)
         self._save(node)
 
+    def _set_acl(self, node: Inode, name: bytes, entries: acl.Acl, keep_sgid: bool) -> None:
+        """An access ACL sets the mode's permission bits and is stored only if it says
+        more than they do; a default ACL belongs to directories only."""
+        if name == acl.DEFAULT:
+            if not node.is_dir:
+                raise FsError(errno.EACCES)
+            self._put_xattr(node, name, acl.dump(entries))
+            return
+        node.mode = acl.with_mode(node.mode, acl.mode_bits(entries))
+        if not keep_sgid:
+            node.mode &= ~stat.S_ISGID
+        self._put_xattr(node, name, None if acl.is_minimal(entries) else acl.dump(entries))
+
     def removexattr(self, ino: int, name: bytes) -> None:
+        """Remove an xattr (ENODATA if it has none of that name). Removing an ACL the
+        node does not have succeeds, as on ext4: an access ACL that the mode says is
+        not stored, and setfacl -b removes it all the same."""
         node = self.get(ino)
         attrs = self._xattrs(node)
         if name not in attrs:
+            if name in acl.NAMES:
+                return
             raise FsError(errno.ENODATA)
-        del attrs[name]
-        if not node.rowless:
-            self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,NULL)",
-                           (ino, self.meta.xname_enc(ino, name), self.draft_id()))
-            node.row_txn = self.cat.commits
+        self._put_xattr(node, name, None)
         self._touch(node, mtime=False)
         self._save(node)
+
+    def _put_xattr(self, node: Inode, name: bytes, value: bytes | None) -> None:
+        """Set (None: remove) one xattr, in memory and in the draft's rows."""
+        attrs = self._xattrs(node)
+        if value is None:
+            if attrs.pop(name, None) is None:
+                return
+        else:
+            attrs[name] = value
+        if node.rowless:
+            return
+        meta, ino = self.meta, node.ino
+        self.cat.write("INSERT OR REPLACE INTO xattrs VALUES (?,?,?,?)",
+                       (ino, meta.xname_enc(ino, name), self.draft_id(),
+                        None if value is None else meta.xvalue_enc(ino, name, value)))
+        node.row_txn = self.cat.commits
 
     # -- file data ----------------------------------------------------------------------------
     def block(self, node: Inode, idx: int) -> int:
