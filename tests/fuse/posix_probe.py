@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -463,6 +464,105 @@ def s_xattrs(p: Probe) -> None:
         p.do("remove again", os.removexattr, "f", "user.k")
     os.symlink("f", "l")
     p.do("user xattr on a symlink", os.setxattr, "l", "user.s", b"1", 0, follow_symlinks=False)
+
+
+def _setfacl(p: Probe, label: str, *args: str) -> None:
+    """Record what setfacl did: "ok", or its error message (the text after the last
+    colon, the same on every file system)."""
+    r = subprocess.run(["setfacl", *args], capture_output=True, text=True, timeout=60)
+    p.out.append((label, "ok" if r.returncode == 0 else r.stderr.strip().rsplit(": ", 1)[-1]))
+
+
+def _getfacl(p: Probe, label: str, path: str) -> None:
+    """Record the ACL as getfacl prints it (numeric ids, no header)."""
+    r = subprocess.run(["getfacl", "-cn", path], capture_output=True, text=True, timeout=60)
+    p.out.append((label, r.stdout.split() if r.returncode == 0 else r.stderr.strip()))
+
+
+def _append(path: str) -> None:
+    with open(path, "ab") as f:
+        f.write(b"+")
+
+
+def _read(path: str) -> None:
+    with open(path, "rb") as f:
+        f.read()
+
+
+def s_acls(p: Probe) -> None:
+    """POSIX ACLs set with setfacl: the mode follows the ACL and chmod the ACL, access is
+    decided by the entries, and new nodes inherit a directory's default ACL instead of
+    the umask."""
+    make_file("f", A, 0o640)
+    with p.user(A):
+        _setfacl(p, "owner grants B rw", "-m", f"u:{B[0]}:rw", "f")
+    p.st("mode after a named entry", "f")
+    _getfacl(p, "acl", "f")
+    with p.user(B):
+        p.do("B appends through the ACL", _append, "f")
+        p.do("B reads through the ACL", _read, "f")
+        _setfacl(p, "non-owner sets an ACL", "-m", f"u:{B[0]}:rwx", "f")
+    with p.user(A):
+        p.do("owner chmod 0600", os.chmod, "f", 0o600)
+    _getfacl(p, "acl after chmod", "f")
+    with p.user(B):
+        p.do("B appends with the mask empty", _append, "f")
+    with p.user(A):
+        _setfacl(p, "named group and mask", "-m", f"g:{OTHER_GROUP}:r,m::rw", "f")
+    p.st("mode after the mask", "f")
+    _getfacl(p, "acl with a group", "f")
+    with p.user(A):
+        _setfacl(p, "remove every entry", "-b", "f")
+        _setfacl(p, "remove again", "-b", "f")
+    p.st("mode after -b", "f")
+    p.out.append(("xattrs after -b", sorted(os.listxattr("f"))))
+    with p.user(A):
+        _setfacl(p, "an ACL the mode says", "--set", "u::rwx,g::r,o::-", "f")
+    p.st("mode from it", "f")
+    p.out.append(("xattrs after it", sorted(os.listxattr("f"))))
+    with p.user(A):
+        _setfacl(p, "default ACL on a file", "-d", "-m", "u::rw", "f")
+
+    make_dir("d", A, 0o755)
+    with p.user(A):
+        _setfacl(p, "default ACL", "-d", "-m", f"u:{B[0]}:rwx,g::rx,o::-", "d")
+        _setfacl(p, "B may write in d", "-m", f"u:{B[0]}:rwx", "d")
+    _getfacl(p, "dir acl", "d")
+    # Under a default ACL ext4 leaves the umask out; the kernel applies it before a FUSE
+    # file system sees the mode (pyfuse3 cannot ask for FUSE_DONT_MASK), so the probe
+    # creates with none: test_mnt_attrs.py checks what snapfs does with one.
+    old = os.umask(0)
+    try:
+        with p.user(B):
+            p.do("B creates a file", lambda: os.close(os.open("d/x", os.O_CREAT | os.O_WRONLY,
+                                                               0o666)))
+            p.do("B makes a directory", os.mkdir, "d/sub", 0o777)
+            p.do("B makes a fifo", os.mkfifo, "d/fifo", 0o640)
+            p.do("B makes a symlink", os.symlink, "x", "d/ln")
+            p.do("B makes a directory below", os.mkdir, "d/sub/deeper", 0o750)
+    finally:
+        os.umask(old)
+    for name in ("d/x", "d/sub", "d/fifo", "d/ln", "d/sub/deeper"):
+        p.st(name, name)
+        if name != "d/ln":
+            _getfacl(p, f"{name} acl", name)
+    with p.user(A):
+        _setfacl(p, "remove the default ACL", "-k", "d")
+        p.do("create without it", os.mkdir, "d/plain", 0o777)
+    _getfacl(p, "dir after -k", "d")
+    p.st("d/plain", "d/plain")
+
+    make_file("g", A, 0o644)
+    os.chown("g", A[0], B[1])
+    os.chmod("g", 0o2775)
+    with p.user(A):
+        _setfacl(p, "owner outside the group sets an ACL", "-m", f"u:{B[0]}:r", "g")
+    p.st("set-group-id cleared", "g")
+    make_file("h", B, 0o600)
+    with p.user(B):
+        _setfacl(p, "B grants a group read", "-m", f"g:{OTHER_GROUP}:r", "h")
+    with p.user(A):
+        p.do("A reads through its group", _read, "h")
 
 
 def s_times(p: Probe) -> None:

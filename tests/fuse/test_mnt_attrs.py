@@ -414,3 +414,70 @@ def test_posix_acl_is_applied_or_refused(wd):
         return
     drop_caches()
     assert stat.S_IMODE(os.stat(wd / "f").st_mode) == 0o640
+
+
+def _getfacl(path) -> list[str]:
+    r = subprocess.run(["getfacl", "-cn", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split()
+
+
+def _setfacl(*args) -> None:
+    r = subprocess.run(["setfacl", *map(str, args)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_acl_survives_remount_and_drop_caches(mount, wd):
+    """ACLs are rows like other xattrs: what getfacl shows comes back from the catalog,
+    not only from the kernel's cache."""
+    write_bytes(wd / "f", b"x")
+    os.chmod(wd / "f", 0o600)
+    os.mkdir(wd / "d")
+    _setfacl("-m", "u:1234:rw,m::r", wd / "f")
+    _setfacl("-d", "-m", "u:1234:rwx", wd / "d")
+    want_f, want_d = _getfacl(wd / "f"), _getfacl(wd / "d")
+    assert "user:1234:rw-" in want_f and "mask::r--" in want_f
+    assert stat.S_IMODE(os.stat(wd / "f").st_mode) == 0o640  # group bits = the mask
+    mount.remount()
+    drop_caches()
+    assert _getfacl(wd / "f") == want_f and _getfacl(wd / "d") == want_d
+
+
+@pytest.mark.snapfs_only
+def test_acl_set_under_a_snapshot_goes_with_its_commit(mount, vd):
+    """An ACL set in .snapshots/S belongs to S's draft: committing that draft makes the
+    directory show S again, and the kernel must not keep serving the draft's ACL."""
+    write_bytes(vd / "f", b"x")
+    os.chmod(vd / "f", 0o640)
+    s = mount.commit(mount.vol, "acl-base")
+    before = _getfacl(s / vd.name / "f")
+    _setfacl("-m", "u:1234:rw", s / vd.name / "f")
+    drafted = _getfacl(s / vd.name / "f")
+    assert "user:1234:rw-" in drafted and drafted != before
+    assert stat.S_IMODE(os.stat(s / vd.name / "f").st_mode) == 0o660
+    branch = mount.commit(s, "acl-branch")
+    assert _getfacl(s / vd.name / "f") == before
+    assert stat.S_IMODE(os.stat(s / vd.name / "f").st_mode) == 0o640
+    assert _getfacl(branch / vd.name / "f") == drafted
+    assert _getfacl(vd / "f") == before
+
+
+@pytest.mark.snapfs_only
+def test_umask_still_applies_under_a_default_acl(wd):
+    """ext4 leaves the umask out under a default ACL; through FUSE the kernel applies it
+    before snapfs sees the mode (pyfuse3 cannot ask for FUSE_DONT_MASK), so a new node
+    gets the default ACL masked by mode & ~umask (README, "Limits"). This notices if
+    that ever changes."""
+    os.mkdir(wd / "d")
+    _setfacl("-d", "-m", "u::rwx,g::rwx,o::rwx,u:1234:rwx", wd / "d")
+    old = os.umask(0o027)
+    try:
+        os.close(os.open(wd / "d" / "f", os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(wd / "d" / "s", 0o777)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(wd / "d" / "f").st_mode) == 0o640  # ext4: 0o666
+    assert stat.S_IMODE(os.stat(wd / "d" / "s").st_mode) == 0o750  # ext4: 0o777
+    assert "mask::r--" in _getfacl(wd / "d" / "f")

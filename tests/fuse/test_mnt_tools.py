@@ -1,6 +1,6 @@
 """Ordinary Unix tools on a mounted volume: cp -a, tar, rsync -aHAX and find copy a real
-tree in and out identically (rsync's checksum dry run prints nothing); git and SQLite
-work inside a volume."""
+tree (with hard links, xattrs and POSIX ACLs) in and out identically (rsync's checksum
+dry run prints nothing); git and SQLite work inside a volume."""
 
 import os
 import random
@@ -80,6 +80,11 @@ def _add_special_entries(root):
     os.setxattr(os.path.join(x, "xattrs"), "user.mime", b"text/plain")
     os.setxattr(os.path.join(x, "xattrs"), "user.bin", bytes(range(50)))
     os.setxattr(os.path.join(x, "sub"), "user.dir", b"on a directory")
+    write_bytes(os.path.join(x, "acl-file"), b"with an access ACL")
+    run(["setfacl", "-m", "u:1234:rw,g:5678:r", os.path.join(x, "acl-file")])
+    os.mkdir(os.path.join(x, "acl-dir"))
+    run(["setfacl", "-m", "u:1234:rwx,d:u:1234:rx,d:g::rx", os.path.join(x, "acl-dir")])
+    write_bytes(os.path.join(x, "acl-dir", "inherited"), b"its ACL comes from acl-dir")
     for dirpath, dirnames, filenames in os.walk(x, topdown=False):
         for name in filenames + dirnames:
             p = os.path.join(dirpath, name)
@@ -112,7 +117,7 @@ def local_out(tmp_path):
     return tmp_path / "out"
 
 
-TAR_X = ["--xattrs", "--xattrs-include=user.*"]
+TAR_X = ["--xattrs", "--xattrs-include=user.*", "--acls"]
 
 
 # --------------------------------------------------------------------------- copy in
