@@ -9,6 +9,7 @@ stores every dirty buffer, syncs, and releases the lock.
 from __future__ import annotations
 
 import faulthandler
+import functools
 import logging
 import os
 import signal
@@ -191,7 +192,7 @@ async def _main(fs: Filesystem, repo: Repository, commit_every: float | None,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch.run)
         nursery.start_soon(gcpolicy.run, watch.activity)
-        nursery.start_soon(fs.background)
+        nursery.start_soon(functools.partial(fs.background, activity=watch.activity))
         nursery.start_soon(control.serve, fs, repo.paths.sock)
         nursery.start_soon(_signals)
         if commit_every:

@@ -91,15 +91,25 @@ class Collector:
                 out.append((live > 0, -dead, pack))
         return [pack for _, _, pack in sorted(out)]
 
-    async def compact(self, min_dead_ratio: float = 0.25) -> int:
-        """Compact every pack past the ratio; returns the number of packs removed."""
+    async def compact(self, min_dead_ratio: float = 0.25, *,
+                      pause: Callable[[], bool] | None = None) -> int:
+        """Compact every pack past the ratio; returns the number of packs removed.
+
+        pause: asked before each pack and each batch; once it says True the pass stops
+        there (the daemon's background pass gives way to requests that come in). A pack
+        left half moved is consistent: each chunk's row names one valid copy, and the
+        next pass moves the rest and removes the pack."""
         removed = 0
         for pack in self.candidates(min_dead_ratio):
-            await self._compact_pack(pack)
+            if pause and pause():
+                break
+            if not await self._compact_pack(pack, pause):
+                break
             removed += 1
         return removed
 
-    async def _compact_pack(self, pack: int) -> None:
+    async def _compact_pack(self, pack: int, pause: Callable[[], bool] | None = None) -> bool:
+        """Move pack's live records and remove it; False if pause stopped it first."""
         if pack == self.packs.current_pack:  # stop writing into it first
             await trio.to_thread.run_sync(self.packs.rotate)
         moved = 0
@@ -113,8 +123,9 @@ class Collector:
                 break
             if rounds == 3:
                 log.warning("pack %d still has live chunks after compaction; kept", pack)
-                return
-            await self._move_rows(pack, rows)
+                return True
+            if not await self._move_rows(pack, rows, pause):
+                return False
             moved += len(rows)
         if not moved:
             # Nothing live to move, but the commit that freed the pack's last chunk may
@@ -125,8 +136,11 @@ class Collector:
         await trio.to_thread.run_sync(self.packs.remove_pack, pack)
         self.removed_packs += 1
         log.info("compacted pack %d (%d live chunks moved)", pack, moved)
+        return True
 
-    async def _move_rows(self, pack: int, rows: list[tuple[int, int, int]]) -> None:
+    async def _move_rows(self, pack: int, rows: list[tuple[int, int, int]],
+                         pause: Callable[[], bool] | None = None) -> bool:
+        """Move rows in batches; False if pause stopped it before the last."""
         batch: list[tuple[int, ChunkLocation]] = []
         size = 0
         for cid, offset, length in rows:
@@ -135,9 +149,12 @@ class Collector:
             if size >= self.batch_bytes:
                 await self._move(batch)
                 batch, size = [], 0
+                if pause and pause():
+                    return False
         if batch:
             await self._move(batch)
         await self._make_durable()  # then the old pack may go
+        return True
 
     async def _make_durable(self) -> None:
         """Commit, with the packs synced first and the WAL fsynced after: what the

@@ -171,11 +171,15 @@ class PackStore:
             self._unsynced = True
         return locs
 
+    def free_bytes(self) -> int:
+        """Free space where the packs are (f_bavail, as check_space counts it)."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize
+
     def check_space(self, nbytes: int, keep: int) -> None:
         """ENOSPC unless nbytes can be written leaving keep bytes free (f_bavail: what
         an unprivileged writer could use, so the root reserve stays untouched too)."""
-        st = os.statvfs(self.directory)
-        free = st.f_bavail * st.f_frsize
+        free = self.free_bytes()
         if free - nbytes < keep:
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free >> 20} MiB free "
                           f"where the repository is, {keep >> 20} MiB of it kept for the "

@@ -1175,3 +1175,86 @@ async def test_a_store_that_ends_past_a_truncate_made_meanwhile_is_not_recorded(
     await view.truncate(f, 2 * CS)
     assert await read_all(view, f) == data[:CS + 10] + bytes(CS - 10)
     assert await close_and_fsck(fs, repo_path) == []
+
+
+class _Clock:
+    """time.monotonic for fs.py, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _pack_of(fs, view, name: bytes, idx: int = 0) -> int:
+    cid = view.block(view.lookup(ROOT_INO, name), idx)
+    return fs.cat.execute("SELECT pack FROM chunks WHERE id=?", (cid,)).fetchone()[0]
+
+
+@trio_test
+async def test_background_collection_compacts_only_when_the_mount_is_quiet(
+        fs, view, repo_path, monkeypatch):
+    """Chunks are freed on every pass; packs are compacted only after COMPACT_QUIET
+    seconds without a request, and a request stops the compaction between two batches
+    (consistent, finished by a later pass); a mount busy for COMPACT_MAX_DEFER compacts
+    anyway."""
+    import snapfs.vfs.fs as fsmod
+
+    clock = _Clock()
+    monkeypatch.setattr(fsmod.time, "monotonic", clock)
+    requests = [0]
+    quiet = fsmod.Quiet(lambda: requests[0])
+    fs._compacted_at = clock.now
+    await _garbage_in_a_pack(fs, view, 8, 3, seed=31)
+    pack = _pack_of(fs, view, b"g")
+
+    clock.now += 5  # a request 5 s ago: busy
+    requests[0] += 1
+    quiet.seconds()
+    freed = fs.collector.freed_chunks
+    await fs.background_gc(quiet)
+    assert fs.collector.freed_chunks == freed + 8  # freed at once...
+    assert pack in fs.repo.packs.pack_ids()  # ...but not compacted
+
+    fs.collector.batch_bytes = CS  # one record a batch: a request can come in between
+    real_move = fs.collector._move
+
+    async def move_then_request(batch):
+        await real_move(batch)
+        requests[0] += 1
+
+    fs.collector._move = move_then_request
+    clock.now += fsmod.COMPACT_QUIET
+    await fs.background_gc(quiet)
+    assert pack in fs.repo.packs.pack_ids()  # stopped after the first batch
+    left = fs.cat.execute("SELECT COUNT(*) FROM chunks WHERE pack=?", (pack,)).fetchone()[0]
+    assert left == 2
+    g = view.lookup(ROOT_INO, b"g")
+    assert await read_all(view, g) == pattern(3 * CS, seed=32)
+
+    clock.now += fsmod.COMPACT_MAX_DEFER  # busy all along, but overdue: compacts anyway
+    await fs.background_gc(quiet)
+    assert pack not in fs.repo.packs.pack_ids()
+    assert fs._compacted_at == clock.now
+    assert await read_all(view, g) == pattern(3 * CS, seed=32)
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_background_collection_leaves_dirty_data_in_memory(fs, view, repo_path):
+    """The write-back keeps an open file's dirty chunks in memory so that a chunk written
+    many times is stored once; the background collection used to store them all every
+    minute. `snapfs gc` still does, to free what they replaced."""
+    import snapfs.vfs.fs as fsmod
+
+    f = mkfile(view, b"f")
+    f.opens += 1
+    await view.write(f, 0, pattern(2 * CS, seed=41))
+    await fs.background_gc(fsmod.Quiet(lambda: 0))
+    assert len(f.buffers) == 2
+    await fs.gc()
+    assert not f.buffers
+    assert await read_all(view, f) == pattern(2 * CS, seed=41)
+    f.opens -= 1
+    assert await close_and_fsck(fs, repo_path) == []

@@ -645,7 +645,9 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("snaptruncate"), st.integers(0, 9), st.integers(0, MAXSIZE)),
     st.tuples(st.just("snapcommit"), st.integers(0, 9)),
     st.tuples(st.just("delete"), st.integers(0, 9)),  # a snapshot, anywhere in the graph
-    st.tuples(st.just("gc")),  # free what no vertex holds, compact every pack with dead bytes
+    # free what no vertex holds, compact every pack with dead bytes; with or without
+    # storing the dirty buffers first (`snapfs gc`, or the background pass)
+    st.tuples(st.just("gc"), st.booleans()),
 ), min_size=1, max_size=14)
 
 
@@ -742,7 +744,7 @@ def test_random_writes_and_truncates_match_a_bytearray(ops):
                     content = bytes(m) if m is not None else snapshots[name][0]
                     snapshots[branch] = (content, snapshots[name][1])
                 elif op[0] == "gc":
-                    await fs.gc(min_dead_ratio=0.0)
+                    await fs.gc(min_dead_ratio=0.0, flush=op[1])
                     for cid in list(fs.chunks.cache._items):
                         fs.chunks.cache.drop(cid)  # later reads come from the packs
                 elif names and op[0] == "delete":
@@ -1001,7 +1003,7 @@ sparse_ops = st.lists(st.one_of(
     st.tuples(st.just("truncate"), st.integers(0, _SPARSE_MAX)),
     st.tuples(st.just("flush")),
     st.tuples(st.just("throttle")),
-    st.tuples(st.just("gc")),
+    st.tuples(st.just("gc"), st.booleans()),
     st.tuples(st.just("reopen")),
     st.tuples(st.just("commit")),
 ), min_size=1, max_size=30)
@@ -1050,7 +1052,7 @@ def test_page_writes_and_others_in_any_order_match_a_bytearray(ops):
                     await fs.throttle()
                     assert fs.dirty_bytes() <= fs.dirty_limit
                 elif op[0] == "gc":
-                    await fs.gc(min_dead_ratio=0.0)
+                    await fs.gc(min_dead_ratio=0.0, flush=op[1])
                     for cid in list(fs.chunks.cache._items):
                         fs.chunks.cache.drop(cid)
                 elif op[0] == "reopen":
