@@ -81,26 +81,32 @@ class Collector:
             usage[pack] = (size, live.get(pack, 0))
         return usage
 
-    def candidates(self, min_dead_ratio: float) -> list[int]:
+    def candidates(self, min_dead_ratio: float, max_live_ratio: float = 1.0) -> list[int]:
         """Packs to compact, those with nothing live first (removing them needs no free
-        space, which matters on a full disk), then the most dead bytes first."""
+        space, which matters on a full disk), then the most dead bytes first; only those
+        whose live share is at most max_live_ratio (the cheap ones: the copying is what
+        costs)."""
         out = []
         for pack, (size, live) in self.pack_usage().items():
             dead = size - PACK_HEADER.size - live
+            if live > max_live_ratio * size:
+                continue
             if dead > 0 and (live == 0 or dead / max(size, 1) >= min_dead_ratio):
                 out.append((live > 0, -dead, pack))
         return [pack for _, _, pack in sorted(out)]
 
     async def compact(self, min_dead_ratio: float = 0.25, *,
-                      pause: Callable[[], bool] | None = None) -> int:
-        """Compact every pack past the ratio; returns the number of packs removed.
+                      pause: Callable[[], bool] | None = None,
+                      max_live_ratio: float = 1.0) -> int:
+        """Compact every pack past the ratio (and no more live than max_live_ratio);
+        returns the number of packs removed.
 
         pause: asked before each pack and each batch; once it says True the pass stops
         there (the daemon's background pass gives way to requests that come in). A pack
         left half moved is consistent: each chunk's row names one valid copy, and the
         next pass moves the rest and removes the pack."""
         removed = 0
-        for pack in self.candidates(min_dead_ratio):
+        for pack in self.candidates(min_dead_ratio, max_live_ratio):
             if pause and pause():
                 break
             if not await self._compact_pack(pack, pause):

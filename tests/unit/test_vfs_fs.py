@@ -1195,10 +1195,10 @@ def _pack_of(fs, view, name: bytes, idx: int = 0) -> int:
 @trio_test
 async def test_background_collection_compacts_only_when_the_mount_is_quiet(
         fs, view, repo_path, monkeypatch):
-    """Chunks are freed on every pass; packs are compacted only after COMPACT_QUIET
-    seconds without a request, and a request stops the compaction between two batches
-    (consistent, finished by a later pass); a mount busy for COMPACT_MAX_DEFER compacts
-    anyway."""
+    """Chunks are freed on every pass and packs with next to nothing live removed; the
+    others are compacted only after COMPACT_QUIET seconds without a request, and a
+    request stops the compaction between two batches (consistent, finished by a later
+    pass); a mount busy for COMPACT_MAX_DEFER compacts anyway."""
     import snapfs.vfs.fs as fsmod
 
     clock = _Clock()
@@ -1208,14 +1208,20 @@ async def test_background_collection_compacts_only_when_the_mount_is_quiet(
     fs._compacted_at = clock.now
     await _garbage_in_a_pack(fs, view, 8, 3, seed=31)
     pack = _pack_of(fs, view, b"g")
+    fs.repo.packs.rotate()
+    await write_file(view, b"h", pattern(4 * CS, seed=33))
+    await fs.flush_dirty()
+    empty = _pack_of(fs, view, b"h")
+    view.unlink(ROOT_INO, b"h")  # its pack: all garbage
 
     clock.now += 5  # a request 5 s ago: busy
     requests[0] += 1
     quiet.seconds()
     freed = fs.collector.freed_chunks
     await fs.background_gc(quiet)
-    assert fs.collector.freed_chunks == freed + 8  # freed at once...
-    assert pack in fs.repo.packs.pack_ids()  # ...but not compacted
+    assert fs.collector.freed_chunks == freed + 8 + 4  # freed at once...
+    assert empty != pack and empty not in fs.repo.packs.pack_ids()  # nothing to copy: gone
+    assert pack in fs.repo.packs.pack_ids()  # ...but 3 of 11 chunks live: not compacted
 
     fs.collector.batch_bytes = CS  # one record a batch: a request can come in between
     real_move = fs.collector._move
