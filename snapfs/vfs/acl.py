@@ -17,7 +17,6 @@ u16 tag, u16 permission bits (rwx = 4, 2, 1), u32 uid or gid (named entries only
 from __future__ import annotations
 
 import errno
-import stat
 import struct
 from typing import NamedTuple
 
@@ -126,8 +125,3 @@ def inherit(default: Acl, mode: int) -> tuple[Acl, int]:
                 else e for e in default)
     return acl, with_mode(mode, mode_bits(acl))
 
-
-def inheritable_default(parent_default: Acl | None, mode: int) -> Acl | None:
-    """What a new node keeps as its own default ACL: a directory inherits its parent's;
-    other files have none."""
-    return parent_default if parent_default and stat.S_ISDIR(mode) else None

@@ -782,6 +782,7 @@ class Filesystem:
         last_gc = time.monotonic()
         while True:
             await trio.sleep(interval)
+            quiet.seconds()  # sampled every pass, so that it knows within `interval`
             try:
                 await self.group_commit()
                 now = time.monotonic()
