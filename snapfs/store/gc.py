@@ -116,7 +116,7 @@ class Collector:
 
     async def _compact_pack(self, pack: int, pause: Callable[[], bool] | None = None) -> bool:
         """Move pack's live records and remove it; False if pause stopped it first."""
-        if pack == self.packs.current_pack:  # stop writing into it first
+        if self.packs.writing(pack):  # stop writing into it first
             await trio.to_thread.run_sync(self.packs.rotate)
         moved = 0
         for rounds in range(4):

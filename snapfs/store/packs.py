@@ -15,11 +15,18 @@ Records are never modified. The index (which chunk lives where) is in the catalo
 records are self-describing so that fsck can cross-check the index against the packs.
 Every read verifies the checksum: a mismatch raises IntegrityError, never returns data.
 
-Crash safety: a record is appended with one pwrite at the end of the current pack; the
-catalog references it only after that write returned (and, for durability, after
+Crash safety: a record is appended with one pwrite at the end of a pack being written;
+the catalog references it only after that write returned (and, for durability, after
 ``sync``). A record torn by a crash is therefore never referenced. Each process that
-opens the store for writing starts a fresh pack, so no writer ever appends after a torn
+opens the store for writing starts fresh packs, so no writer ever appends after a torn
 tail.
+
+Write lanes: up to ``lanes`` packs are written at once, each by one thread at a time.
+An append takes the first lane no other thread is using, so a single writer always
+fills one pack (lane 0) and two concurrent batches land in two packs side by side. That
+is what lets a large flush use both cores: copying a record into new page-cache memory
+is most of an append's cost on a VM (about 250 us per 128 KiB here, BENCHMARKS.md
+"Fresh memory"), and ext4 serialises buffered writes to one file on its inode lock.
 
 Disk space: appends leave ``reserve`` bytes of the file system free (ENOSPC otherwise),
 so that the catalog, on the same file system, can always commit. SQLite rolls a
@@ -27,7 +34,8 @@ transaction back when its commit meets a full disk, and the daemon's group trans
 holds every metadata change since the last commit: running out of space must stop the
 data, never the metadata. The collector may use half the reserve (compaction frees space).
 
-Thread safety: ``append`` and ``sync`` take a lock; ``read`` uses pread and needs none.
+Thread safety: ``append`` takes a lane's lock, ``sync`` each lane's in turn; ``read``
+uses pread and needs none.
 ``read_cached`` reads into the caller's buffer and never waits for the disk (RWF_NOWAIT):
 it is meant for the event loop's thread, which must not block on I/O.
 """
@@ -53,6 +61,7 @@ CHECK = struct.Struct("<Q")
 RECORD_OVERHEAD = RECORD_HEADER.size + CHECK.size
 FLAG_ENCRYPTED = 1
 DEFAULT_PACK_LIMIT = 128 * 1024 * 1024
+DEFAULT_LANES = max(1, min(2, os.cpu_count() or 1))  # packs written side by side
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux 4.14+; 0: read_cached always declines
 MAX_IOVECS = 1000  # per pwritev call (IOV_MAX is 1024 on Linux)
 # Free space that chunk data may not take (see PackStore.reserve): 1/64 of the file
@@ -72,20 +81,40 @@ def pack_name(pack_id: int) -> str:
     return f"{pack_id:08d}.pack"
 
 
+class _Lane:
+    """One pack being written: a thread holds lock while it appends or syncs."""
+
+    __slots__ = ("lock", "fd", "pack", "end", "unsynced")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.fd = -1
+        self.pack = 0
+        self.end = 0
+        self.unsynced = False
+
+    def finish(self) -> None:
+        """Close the pack, durable first (the caller holds lock)."""
+        if self.fd >= 0:
+            if self.unsynced:
+                os.fdatasync(self.fd)
+            os.close(self.fd)
+        self.fd, self.pack, self.unsynced = -1, 0, False
+
+
 class PackStore:
     """The embedded ChunkStore: pack files in one directory."""
 
     def __init__(self, directory: str, *, writable: bool, pack_limit: int = DEFAULT_PACK_LIMIT,
-                 reserve: int | None = None):
+                 reserve: int | None = None, lanes: int = DEFAULT_LANES):
         self.directory = directory
         self.writable = writable
         self.pack_limit = pack_limit
-        self._lock = threading.Lock()
+        self._lanes = [_Lane() for _ in range(max(1, lanes))]
+        self._next_lane = 0  # where a writer waits when every lane is busy
+        self._id_lock = threading.Lock()
+        self._last_id = 0  # pack ids only grow in a process, removed ones are not reused
         self._read_fds: dict[int, int] = {}
-        self._write_id = 0
-        self._write_fd = -1
-        self._write_end = 0
-        self._unsynced = False
         self._retired: list[int] = []
         self.nowait = RWF_NOWAIT != 0  # cleared if the kernel or file system refuses it
         os.makedirs(directory, exist_ok=True)
@@ -99,45 +128,42 @@ class PackStore:
                 ids.append(int(name[:-5]))
         return sorted(ids)
 
-    def _open_new_pack(self) -> None:
-        if self._write_fd >= 0:
-            if self._unsynced:
-                os.fdatasync(self._write_fd)
-            os.close(self._write_fd)
-            self._write_fd = -1
-        existing = self.pack_ids()
-        self._write_id = (existing[-1] + 1) if existing else 1
-        path = os.path.join(self.directory, pack_name(self._write_id))
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, self._write_id))
-        self._write_fd = fd
-        self._write_end = PACK_HEADER.size
-        self._unsynced = True
-        fsync_dir(self.directory)
+    def _lane(self) -> _Lane:
+        """A lane, locked: the first free one, else wait for one in turn."""
+        for lane in self._lanes:
+            if lane.lock.acquire(blocking=False):
+                return lane
+        self._next_lane = (self._next_lane + 1) % len(self._lanes)
+        lane = self._lanes[self._next_lane]
+        lane.lock.acquire()
+        return lane
+
+    def _open_new_pack(self, lane: _Lane) -> None:
+        lane.finish()
+        with self._id_lock:
+            existing = self.pack_ids()
+            pack_id = max(existing[-1] if existing else 0, self._last_id) + 1
+            self._last_id = pack_id
+            path = os.path.join(self.directory, pack_name(pack_id))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, pack_id))
+            fsync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        lane.fd, lane.pack, lane.end, lane.unsynced = fd, pack_id, PACK_HEADER.size, True
 
     def append(self, chunk_id: int, payload: bytes, raw_len: int, flags: int = 0) -> ChunkLocation:
         """Append one record; returns its location. The record is durable after sync()."""
-        self._check_writable()
-        self.check_space(RECORD_OVERHEAD + len(payload), self.reserve)
-        header = RECORD_HEADER.pack(RECORD_MAGIC, flags, 0, len(payload), raw_len, chunk_id)
-        check = xxhash.xxh3_64(header)
-        check.update(payload)
-        record = b"".join((header, CHECK.pack(check.intdigest()), payload))
-        with self._lock:
-            if self._write_fd < 0 or self._write_end + len(record) > self.pack_limit:
-                self._open_new_pack()
-            offset = self._write_end
-            written = os.pwrite(self._write_fd, record, offset)
-            if written != len(record):  # a short write means the disk is full
-                raise OSError(28, "short write to pack file (disk full?)")
-            self._write_end += len(record)
-            self._unsynced = True
-            return ChunkLocation(self._write_id, offset, len(record))
+        return self.append_many([(chunk_id, payload, raw_len, flags)])[0]
 
     def append_many(self, items: list[tuple[int, bytes, int, int]], *,
-                    keep: int | None = None) -> list[ChunkLocation]:
+                    keep: int | None = None, sync: bool = False) -> list[ChunkLocation]:
         """Append (chunk id, payload, plaintext length, flags) records with one pwritev;
-        ENOSPC if that would leave less than keep (default: the reserve) bytes free."""
+        ENOSPC if that would leave less than keep (default: the reserve) bytes free.
+        With sync, the lane's pack is made durable before its lane is let go (two
+        batches appended side by side sync side by side)."""
         self._check_writable()
         self.check_space(sum(RECORD_OVERHEAD + len(p) for _, p, _, _ in items),
                          self.reserve if keep is None else keep)
@@ -150,25 +176,30 @@ class PackStore:
             check.update(payload)
             records.append((header + CHECK.pack(check.intdigest()), payload))
         locs = []
-        with self._lock:
+        lane = self._lane()
+        try:
             batch: list[bytes] = []
             start = 0
             for head, payload in records:
                 size = len(head) + len(payload)
-                if (self._write_fd < 0 or self._write_end + size > self.pack_limit
+                if (lane.fd < 0 or lane.end + size > self.pack_limit
                         or len(batch) >= MAX_IOVECS):
-                    self._write_batch(batch, start)
+                    self._write_batch(lane, batch, start)
                     batch = []
-                    if self._write_fd < 0 or self._write_end + size > self.pack_limit:
-                        self._open_new_pack()
+                    if lane.fd < 0 or lane.end + size > self.pack_limit:
+                        self._open_new_pack(lane)
                 if not batch:
-                    start = self._write_end
-                locs.append(ChunkLocation(self._write_id, self._write_end, size))
+                    start = lane.end
+                locs.append(ChunkLocation(lane.pack, lane.end, size))
                 batch.append(head)
                 batch.append(payload)
-                self._write_end += size
-            self._write_batch(batch, start)
-            self._unsynced = True
+                lane.end += size
+            self._write_batch(lane, batch, start)
+            if sync and lane.unsynced:
+                os.fdatasync(lane.fd)
+                lane.unsynced = False
+        finally:
+            lane.lock.release()
         return locs
 
     def free_bytes(self) -> int:
@@ -186,45 +217,42 @@ class PackStore:
                           "catalog (delete data, then `snapfs gc`)")
 
     def rotate(self) -> None:
-        """Finish the current pack (synced); the next append starts a new one. Lets the
-        collector compact the pack that was being written."""
-        with self._lock:
-            if self._write_fd >= 0:
-                if self._unsynced:
-                    os.fdatasync(self._write_fd)
-                    self._unsynced = False
-                os.close(self._write_fd)
-                self._write_fd = -1
-                self._write_id = 0
+        """Finish the packs being written (synced); the next appends start new ones. Lets
+        the collector compact a pack that was being written."""
+        for lane in self._lanes:
+            with lane.lock:
+                lane.finish()
 
     def _check_writable(self) -> None:
         if not self.writable:
             raise IntegrityError("the chunk store is open read-only")
 
-    def _write_batch(self, batch: list[bytes], offset: int) -> None:
+    @staticmethod
+    def _write_batch(lane: _Lane, batch: list[bytes], offset: int) -> None:
         if not batch:
             return
-        self._unsynced = True
+        lane.unsynced = True
         total = sum(len(r) for r in batch)
-        written = os.pwritev(self._write_fd, batch, offset)
+        written = os.pwritev(lane.fd, batch, offset)
         if written != total:
             raise OSError(28, "short write to pack file (disk full?)")
 
     def sync(self) -> None:
-        """Make every appended record durable (fdatasync of the current pack)."""
-        with self._lock:
-            if self._write_fd >= 0 and self._unsynced:
-                os.fdatasync(self._write_fd)
-                self._unsynced = False
+        """Make every appended record durable (fdatasync of the packs being written)."""
+        for lane in self._lanes:
+            with lane.lock:
+                if lane.fd >= 0 and lane.unsynced:
+                    os.fdatasync(lane.fd)
+                    lane.unsynced = False
 
     @property
     def unsynced(self) -> bool:
         """True if records were appended since the last sync."""
-        return self._unsynced
+        return any(lane.unsynced for lane in self._lanes)
 
-    @property
-    def current_pack(self) -> int:
-        return self._write_id
+    def writing(self, pack_id: int) -> bool:
+        """True if pack_id is being written (rotate() first to compact or remove it)."""
+        return any(lane.pack == pack_id for lane in self._lanes if lane.fd >= 0)
 
     # -- reading -------------------------------------------------------------------
     def _fd(self, pack_id: int) -> int:
@@ -316,8 +344,8 @@ class PackStore:
         short and is retried at the record's new place. Retired descriptors are closed
         at the next removal.
         """
-        if pack_id == self._write_id:
-            raise ValueError("cannot remove the pack being written")
+        if self.writing(pack_id):
+            raise ValueError("cannot remove a pack being written")
         for fd in self._retired:
             os.close(fd)
         self._retired = []
@@ -336,12 +364,7 @@ class PackStore:
         return os.stat(os.path.join(self.directory, pack_name(pack_id))).st_size
 
     def close(self) -> None:
-        with self._lock:
-            if self._write_fd >= 0:
-                if self._unsynced:
-                    os.fdatasync(self._write_fd)
-                os.close(self._write_fd)
-                self._write_fd = -1
+        self.rotate()
         for fd in [*self._read_fds.values(), *self._retired]:
             os.close(fd)
         self._read_fds.clear()

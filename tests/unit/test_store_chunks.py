@@ -244,7 +244,7 @@ def test_unknown_chunk_id(st):
 
 
 def test_failed_append_leaves_no_dangling_index_row(st, monkeypatch):
-    def disk_full(*args):
+    def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(st.packs, "append", disk_full)
@@ -707,3 +707,55 @@ def test_the_catalog_is_committed_only_when_every_append_is_durable(st, monkeypa
         assert seen == [False]
 
     trio.run(main)
+
+
+def test_a_large_batch_is_appended_in_two_threads_into_two_packs(st, monkeypatch):
+    """put_many of more than SPLIT_APPEND_BYTES appends two halves side by side, each in
+    a pack of its own; every chunk reads back from a fresh manager."""
+    import threading
+
+    from snapfs.store import chunks as chunks_mod
+
+    payloads = [os.urandom(64 * 1024) for _ in range(24)]  # 1.5 MiB
+    assert sum(map(len, payloads)) >= chunks_mod.SPLIT_APPEND_BYTES
+    both = threading.Barrier(2)
+    real = st.packs.append_many
+
+    def append_many(items, **kwargs):
+        both.wait(timeout=10)  # fails unless the two halves are appended at once
+        return real(items, **kwargs)
+
+    monkeypatch.setattr(st.packs, "append_many", append_many)
+    ids = trio.run(st.cm.put_many, payloads)
+    packs = {row[0] for row in st.cat.execute("SELECT pack FROM chunks")}
+    assert len(packs) == 2
+    fresh = st.fresh_manager(cache_bytes=0)
+    for cid, payload in zip(ids, payloads, strict=True):
+        assert trio.run(fresh.get, cid) == payload
+    st.cm.unpin(ids)  # the caller's part, once it has referenced them
+    assert not st.cm.pinned and not st.cm._pending
+
+
+def test_a_failed_half_fails_the_batch_with_its_own_error(st, monkeypatch):
+    """One half meets a full disk: put_many raises that OSError itself (not an
+    ExceptionGroup), no index row points at a record, and the next put works."""
+    payloads = [os.urandom(64 * 1024) for _ in range(24)]
+    real = st.packs.append_many
+    calls = []
+
+    def append_many(items, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(items, **kwargs)
+
+    monkeypatch.setattr(st.packs, "append_many", append_many)
+    with pytest.raises(OSError) as exc:
+        trio.run(st.cm.put_many, payloads)
+    assert exc.value.errno == 28 and len(calls) == 2
+    assert st.cat.execute("SELECT COUNT(*) FROM chunks WHERE pack >= 0").fetchone() == (0,)
+    assert not st.cm._pending and not st.cm.pinned
+    monkeypatch.undo()
+    ids = trio.run(st.cm.put_many, payloads)
+    fresh = st.fresh_manager(cache_bytes=0)
+    assert [trio.run(fresh.get, cid) for cid in ids] == payloads

@@ -133,7 +133,7 @@ def test_pack_rotation_at_pack_limit(tmp_path):
     try:
         locs = [s.append(i, bytes([i]) * 100, 100, 0) for i in range(1, 8)]
         assert [loc.pack for loc in locs] == [1, 1, 1, 2, 2, 2, 3]
-        assert s.current_pack == 3
+        assert s.writing(3) and not s.writing(2)
         assert s.pack_ids() == [1, 2, 3]
         assert s.pack_size(1) == limit and s.pack_size(2) == limit
         for i, loc in enumerate(locs, 1):
@@ -412,3 +412,61 @@ def test_removing_a_pack_releases_its_file_at_once(store):
     # the deleted file, whose space is free now
     assert os.readlink(f"/proc/self/fd/{fd}") == os.devnull
     assert os.pread(fd, 10, 0) == b""
+
+
+def test_concurrent_appends_go_to_packs_of_their_own(tmp_path, monkeypatch):
+    """Two threads appending at once write two packs side by side (write lanes); a
+    single writer keeps filling one pack; sync() makes both durable."""
+    import threading
+
+    s = PackStore(str(tmp_path / "p"), writable=True, lanes=2)
+    try:
+        first = s.append(1, b"a" * 100, 100, 0)
+        inside = threading.Barrier(2)
+        real = os.pwritev
+
+        def pwritev(fd, bufs, offset, *flags):
+            inside.wait(timeout=10)  # both threads are in a write at the same time
+            return real(fd, bufs, offset, *flags)
+
+        monkeypatch.setattr(os, "pwritev", pwritev)
+        locs: dict[int, list] = {}
+
+        def worker(i: int) -> None:
+            locs[i] = s.append_many([(10 + i, bytes([i]) * 500, 500, 0)])
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        monkeypatch.setattr(os, "pwritev", real)
+        assert sorted(loc.pack for ls in locs.values() for loc in ls) == [1, 2]
+        assert s.writing(1) and s.writing(2)
+        for i, (loc,) in locs.items():
+            assert s.read(10 + i, loc) == (bytes([i]) * 500, 0)
+        synced = _record_syncs(monkeypatch)
+        s.sync()
+        assert sorted(synced) == [pack_path(s, 1), pack_path(s, 2)]
+        assert not s.unsynced
+        again = s.append(3, b"c", 1, 0)  # alone again: the first lane's pack
+        assert again.pack == first.pack
+        s.rotate()
+        assert not s.writing(1) and not s.writing(2)
+        assert s.append(4, b"d", 1, 0).pack == 3
+    finally:
+        s.close()
+
+
+def test_append_many_with_sync_makes_its_pack_durable(store, monkeypatch):
+    synced = _record_syncs(monkeypatch)
+    loc = store.append_many([(1, b"x" * 10, 10, 0)], sync=True)[0]
+    assert [p for p in synced if p.endswith(".pack")] == [pack_path(store, loc.pack)]
+    assert not store.unsynced
+
+
+def test_pack_ids_are_not_reused_after_a_removal(store):
+    store.append(1, b"a", 1, 0)
+    store.rotate()
+    store.remove_pack(1)
+    assert store.append(2, b"b", 1, 0).pack == 2  # not 1 again: a stale location stays wrong

@@ -613,8 +613,17 @@ def _record(monkeypatch, fs) -> list[str]:
         monkeypatch.setattr(obj, name, wrapper)
 
     wrap(packs, "append", "append")
-    wrap(packs, "append_many", "append")
     wrap(packs, "sync", "pack-sync")
+    real_append_many = packs.append_many
+
+    def append_many(*args, **kwargs):
+        events.append("append")
+        locs = real_append_many(*args, **kwargs)
+        if kwargs.get("sync"):  # its lane's pack fdatasynced before it returned
+            events.append("pack-sync")
+        return locs
+
+    monkeypatch.setattr(packs, "append_many", append_many)
     wrap(cat, "commit", "catalog-commit", only_if=lambda: cat._in_tx)
     return events
 
