@@ -6,7 +6,7 @@ Two steps:
   no in-flight write has pinned loses its index row, at once and in one transaction. Its
   record becomes dead bytes in its pack.
 * compact(): a pack whose dead bytes pass a ratio has its live records copied to the
-  current pack (verified on the way, so damage is never copied silently), the index is
+  packs being written (verified on the way, so damage is never copied silently), the index is
   repointed, the copies and the catalog are made durable, and only then is the old pack
   deleted. A crash at any point leaves either the old pack referenced, or the copies
   referenced and the old pack as an unindexed file that the next pass removes. A pack
