@@ -612,9 +612,8 @@ def _record(monkeypatch, fs) -> list[str]:
 
         monkeypatch.setattr(obj, name, wrapper)
 
-    wrap(packs, "append", "append")
     wrap(packs, "sync", "pack-sync")
-    real_append_many = packs.append_many
+    real_append_many = packs.append_many  # append() goes through it too
 
     def append_many(*args, **kwargs):
         events.append("append")
