@@ -46,7 +46,7 @@ from snapfs.store.catalog import JOURNAL_SIZE_LIMIT
 from snapfs.store.gc import Collector
 from snapfs.store.intentlog import IntentLog, IntentRecord
 from snapfs.vfs.buffers import PAGE, BufferPool, DirtyChunk, release_free_memory
-from snapfs.vfs.view import Inode, View, store_buffers
+from snapfs.vfs.view import STORE_BATCH, Inode, View, store_batches, store_buffers
 
 log = logging.getLogger(__name__)
 
@@ -366,15 +366,16 @@ class Filesystem:
             if not node.buffers:
                 del self._dirty[key]
 
-    async def flush_dirty(self, view: View | None = None, batch: int = 64) -> None:
-        """Store every dirty buffer (of one view, or all) as chunks, many to a batch."""
+    async def flush_dirty(self, view: View | None = None, batch: int = STORE_BATCH) -> None:
+        """Store every dirty buffer (of one view, or all) as chunks, many to a batch,
+        two batches at once (store_batches)."""
         for _ in range(8):
             items = [(v, node, idx) for v, node in list(self._dirty.values())
                      if view is None or v is view for idx in sorted(node.buffers)]
             if not items:
                 break
-            for i in range(0, len(items), batch):
-                await store_buffers(self.chunks, items[i:i + batch])
+            await store_batches(self.chunks,
+                                [items[i:i + batch] for i in range(0, len(items), batch)])
             for key, (_view, node) in list(self._dirty.items()):
                 if not node.buffers:
                     del self._dirty[key]

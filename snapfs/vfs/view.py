@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import trio
+
 from snapfs.errors import FsError, IntegrityError, is_disk_full
 from snapfs.vfs import acl
 from snapfs.vfs.buffers import (
@@ -65,6 +67,8 @@ def _clamp_time(ns: int) -> int:
     return min(TIME_NS_MAX, max(TIME_NS_MIN, ns))
 
 WINDOW = 1024  # blocks resolved per catalog query
+STORE_BATCH = 128  # dirty chunks of one file stored by one put_many (16 MiB of 128 KiB)
+STORE_WIDTH = 2  # such batches stored at once (store_batches)
 LOCATE_AHEAD = 256  # chunk locations looked up at once by a scan (32 MiB of 128 KiB chunks)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -1435,15 +1439,73 @@ class View:
         """Store dirty buffers as chunks (deduplicated) and point the blocks at them."""
         await store_buffers(self.fs.chunks, [(self, node, idx) for idx in idxs], sync)
 
-    async def flush_data(self, node: Inode, batch: int = 64, sync: bool = False) -> None:
-        """Store the file's dirty buffers; sync=True (an fsync) also makes the records
-        durable, in the same worker-thread hop as their append."""
+    async def flush_data(self, node: Inode, batch: int = STORE_BATCH,
+                         sync: bool = False) -> None:
+        """Store the file's dirty buffers, STORE_WIDTH batches at once (store_batches);
+        sync=True (an fsync) also makes the records durable, in the same worker-thread
+        hop as their append."""
         for _ in range(8):
             if not node.buffers:
                 return
             idxs = sorted(node.buffers)
-            for i in range(0, len(idxs), batch):
-                await self.flush_blocks(node, idxs[i:i + batch], sync)
+            await store_batches(self.fs.chunks, [[(self, node, idx) for idx in idxs[i:i + batch]]
+                                                 for i in range(0, len(idxs), batch)], sync)
+
+
+async def store_batches(chunks, batches: list[list[tuple[View, Inode, int]]],
+                        sync: bool = False, width: int = STORE_WIDTH) -> None:
+    """store_buffers for each batch, up to width of them at once.
+
+    One batch at a time leaves a core idle: its base reads, the catalog rows and the
+    merging run on the event loop's thread while the pack appends and hashing wait,
+    and the other way round. Two at a time, one batch's Python overlaps the other's
+    threads (a 1 GiB flush after 150,000 random writes: 3.3-3.6 s -> 2.1-2.4 s here).
+
+    Only batches inside the data already stored run beside others. One that reaches
+    past a file's stored_end waits for the others and runs alone: stores raise
+    stored_end to what they stored, and a later batch finishing first would let the
+    row claim an earlier chunk still only in memory (zeros after a crash; see
+    View.row_size). The first error is raised as itself once the batches under way
+    have ended; no batch starts after it.
+    """
+    if len(batches) <= 1 or width <= 1:
+        for items in batches:
+            await store_buffers(chunks, items, sync)
+        return
+    errors: list[BaseException] = []
+    slots = trio.Semaphore(width)
+
+    async def store(items: list[tuple[View, Inode, int]], held: int) -> None:
+        try:
+            await store_buffers(chunks, items, sync)
+        except BaseException as e:  # noqa: BLE001 - raised below, after the others end
+            errors.append(e)
+        finally:
+            for _ in range(held):
+                slots.release()
+
+    async with trio.open_nursery() as nursery:
+        for items in batches:
+            await slots.acquire()
+            held = 1
+            if not _inside_stored(items):
+                while held < width:
+                    await slots.acquire()
+                    held += 1
+            if errors:
+                for _ in range(held):
+                    slots.release()
+                break
+            nursery.start_soon(store, items, held)
+    if errors:
+        raise errors[0]
+
+
+def _inside_stored(items: list[tuple[View, Inode, int]]) -> bool:
+    """Whether every chunk of a batch ends within its file's stored data (stored_end):
+    storing it cannot move stored_end."""
+    return all(min((idx + 1) * view.chunk_size, node.size) <= node.stored_end
+               for view, node, idx in items)
 
 
 async def store_buffers(chunks, items: list[tuple[View, Inode, int]],

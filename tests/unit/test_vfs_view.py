@@ -33,6 +33,7 @@ from snapfs.errors import FsError, IntegrityError
 from snapfs.repository import Repository
 from snapfs.store.repo import init_repository
 from snapfs.types import ROOT_INO
+from snapfs.vfs import view as view_module
 from snapfs.vfs.fs import Filesystem
 from snapfs.vfs.view import (
     RENAME_EXCHANGE,
@@ -626,6 +627,109 @@ async def test_read_directory_and_write_results(view):
     assert await view.read(f, 0, 100) == b""
     assert await view.write(f, 0, b"") == 0
     assert f.size == 0
+
+
+class StoreTracker:
+    """Wraps view.store_buffers: how many run at once, and stored_end when each began.
+    With meet=2, each store waits (up to 10 s) until another is running beside it, so a
+    test of concurrency fails instead of passing by the luck of scheduling."""
+
+    def __init__(self, monkeypatch, meet: int = 0, fail_on: int = -1) -> None:
+        self.real = view_module.store_buffers
+        self.running = self.most = self.calls = 0
+        self.meet, self.fail_on = meet, fail_on
+        self.met = trio.Event()
+        self.starts: list[tuple[int, int, int]] = []  # (first idx, last idx, stored_end)
+        monkeypatch.setattr(view_module, "store_buffers", self.store)
+
+    async def store(self, chunks, items, sync=False):
+        call = self.calls
+        self.calls += 1
+        node = items[0][1]
+        self.starts.append((items[0][2], items[-1][2], node.stored_end))
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            if self.meet and self.running >= self.meet:
+                self.met.set()
+            if self.meet:
+                with trio.fail_after(10):
+                    await self.met.wait()
+            if call == self.fail_on:
+                raise OSError(errno.ENOSPC, "no space (test)")
+            await self.real(chunks, items, sync)
+        finally:
+            self.running -= 1
+
+
+@trio_test
+async def test_flush_data_stores_two_batches_of_overwrites_at_once(fs, view, repo_path,
+                                                                   monkeypatch):
+    """An fsync after random writes into stored data: the batches run two at a time
+    (view.store_batches), each chunk still lands in its place."""
+    data = bytearray(pattern(16 * CS, seed=21))
+    f = await write_file(view, b"f", bytes(data))
+    await view.flush_data(f)
+    for i in range(16):  # every chunk dirty again (whole pages over stored chunks)
+        page = pattern(CS, seed=100 + i)
+        await view.write(f, i * CS, page)
+        data[i * CS:(i + 1) * CS] = page
+    tracker = StoreTracker(monkeypatch, meet=2)
+    await view.flush_data(f, batch=4, sync=True)
+    assert tracker.most == 2 and tracker.calls == 4
+    assert not f.buffers and await read_all(view, f) == data
+    view.flush_inodes()
+    view.inodes.clear()
+    assert await read_path(view, b"f") == data
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_flush_data_stores_a_growing_file_in_order(fs, view, repo_path, monkeypatch):
+    """Batches that reach past the stored data run one at a time, in order, after the
+    ones inside it: a later batch finishing first would raise stored_end over an earlier
+    chunk still in memory, and a crash would then show zeros there (View.row_size)."""
+    old = pattern(6 * CS, seed=22)
+    f = await write_file(view, b"f", old)
+    await view.flush_data(f)
+    new = pattern(14 * CS + 100, seed=23)
+    await view.write(f, 0, new)  # chunks 0-5 over stored data, 6-14 new
+    tracker = StoreTracker(monkeypatch)
+    await view.flush_data(f, batch=3)
+    assert tracker.calls == 5 and tracker.most == 2
+    for first, last, stored_end in tracker.starts:
+        if (last + 1) * CS > stored_end:  # past the stored data: it ran alone
+            assert stored_end >= first * CS, (first, last, stored_end)
+    # the first two (chunks 0-5) ran together, every later one alone and in order
+    assert [s[2] for s in tracker.starts] == [6 * CS, 6 * CS, 6 * CS, 9 * CS, 12 * CS]
+    assert f.stored_end == len(new) and await read_all(view, f) == new
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
+async def test_a_failing_batch_raises_its_own_error_and_stops_the_flush(fs, view, repo_path,
+                                                                       monkeypatch):
+    """ENOSPC in one batch: flush_data raises that OSError (not an ExceptionGroup: the
+    callers turn it into the errno), the batch beside it finishes, no other starts, and
+    what was not stored stays dirty and readable; a retry stores it."""
+    data = bytearray(pattern(12 * CS, seed=24))
+    f = await write_file(view, b"f", bytes(data))
+    await view.flush_data(f)
+    for i in range(12):
+        page = pattern(CS, seed=200 + i)
+        await view.write(f, i * CS, page)
+        data[i * CS:(i + 1) * CS] = page
+    tracker = StoreTracker(monkeypatch, meet=2, fail_on=0)
+    with pytest.raises(OSError) as info:
+        await view.flush_data(f, batch=2)
+    assert info.value.errno == errno.ENOSPC
+    assert tracker.calls == 2, "the batch beside the failing one ran; none started after"
+    assert sorted(f.buffers) == [0, 1, *range(4, 12)]
+    assert await read_all(view, f) == data
+    monkeypatch.setattr(view_module, "store_buffers", tracker.real)
+    await view.flush_data(f)
+    assert not f.buffers and await read_all(view, f) == data
+    assert await close_and_fsck(fs, repo_path) == []
 
 
 # -- random write/truncate sequences against a bytearray ---------------------------------------
