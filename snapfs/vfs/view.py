@@ -1459,7 +1459,7 @@ async def store_batches(chunks, batches: list[list[tuple[View, Inode, int]]],
     One batch at a time leaves a core idle: its base reads, the catalog rows and the
     merging run on the event loop's thread while the pack appends and hashing wait,
     and the other way round. Two at a time, one batch's Python overlaps the other's
-    threads (a 1 GiB flush after 150,000 random writes: 3.3-3.6 s -> 2.1-2.4 s here).
+    threads (a 1 GiB flush after 150,000 random writes: 3.3-4.1 s -> 2.1-2.5 s here).
 
     Only batches inside the data already stored run beside others. One that reaches
     past a file's stored_end waits for the others and runs alone: stores raise
