@@ -430,6 +430,31 @@ def test_xattrs(view):
     assert view.getxattr(f.ino, b"user.a") == b"back"
 
 
+def test_xattr_names_stop_where_listxattr_could_not_list_them(view):
+    """The names' total (NUL-terminated) may not pass XATTR_LIST_MAX: the count is kept
+    across new names, replaced values, removals and a reload from the catalog."""
+    f = mkfile(view, b"f")
+    name = b"user." + b"n" * 250  # 256 bytes listed with its NUL
+    fit = view_module.XATTR_LIST_MAX // 256
+    for i in range(fit):
+        view.setxattr(f.ino, name[:-3] + b"%03d" % i, b"v")
+    view.setxattr(f.ino, name[:-3] + b"000", b"replaced")  # no new name: allowed
+    with raises_errno(errno.ENOSPC):
+        view.setxattr(f.ino, b"user.x", b"v")
+    view.removexattr(f.ino, name[:-3] + b"007")
+    view.setxattr(f.ino, b"user.x", b"v")  # room for a short name now
+    with raises_errno(errno.ENOSPC):
+        view.setxattr(f.ino, name[:-3] + b"007", b"v")
+    view.inodes.clear()  # counted again from the catalog's rows
+    with raises_errno(errno.ENOSPC):
+        view.setxattr(f.ino, name[:-3] + b"007", b"v")
+    view.removexattr(f.ino, b"user.x")
+    view.removexattr(f.ino, name[:-3] + b"001")
+    view.setxattr(f.ino, name[:-3] + b"007", b"v")
+    assert len(view.listxattr(f.ino)) == fit - 1
+    assert sum(len(n) + 1 for n in view.listxattr(f.ino)) <= view_module.XATTR_LIST_MAX
+
+
 def test_xattrs_on_directories_and_symlinks(view):
     d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
     view.setxattr(d.ino, b"user.dir", b"yes")
