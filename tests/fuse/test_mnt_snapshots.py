@@ -186,6 +186,32 @@ def test_commit_under_snapshot_creates_branch_and_restores_snapshot(mount, vd):
     assert rec_b.get("parent") in (rec_s.get("id"), "vol@trunk"), (rec_s, rec_b)
 
 
+def test_missing_names_the_kernel_remembers_come_back_after_a_reset(mount, vd):
+    """A lookup miss in a view is a negative dentry the kernel keeps (fuse/ops.py,
+    _negative_entry). Names that reappear from the daemon's side must not stay hidden
+    behind one: a snapshot directory reset by its commit, a volume created after a miss."""
+    write_bytes(vd / "kept", b"kept")
+    s = mount.commit(mount.vol, "negative")
+    sd = s / vd.name
+    os.unlink(sd / "kept")  # in the draft only
+    for _ in range(2):  # missing, twice: the second answer may come from the kernel
+        assert not (sd / "kept").exists()
+        assert not (sd / "never").exists()
+        with pytest.raises(FileNotFoundError):
+            os.stat(sd / "kept")
+    mount.commit(s, "negative-branch")
+    assert (sd / "kept").read_bytes() == b"kept", ".snapshots/S still hides a name of S"
+    assert not (mount.mnt / ".snapshots" / "vol@negative-branch" / vd.name / "kept").exists()
+    assert not (mount.mnt / "vol-negative").exists()
+    assert not (mount.mnt / ".snapshots" / "vol@negative-later").exists()
+    mount.volume_create("vol-negative")
+    assert (mount.mnt / "vol-negative").is_dir()
+    mount.commit(mount.vol, "negative-later")
+    assert (mount.mnt / ".snapshots" / "vol@negative-later" / vd.name / "kept").exists()
+    write_bytes(vd / "late", b"made after a miss")  # through the kernel: it knows
+    assert (vd / "late").read_bytes() == b"made after a miss"
+
+
 def test_mkdir_in_snapshots_commits_the_volume(mount, vd):
     write_bytes(vd / "f", b"at mkdir time")
     os.mkdir(mount.mnt / ".snapshots" / "vol@via-mkdir")
