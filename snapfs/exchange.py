@@ -471,8 +471,7 @@ async def _add_snapshot(fs: Filesystem, header: dict, rows: dict[str, list],
         list_for_purge(fs.cat, vid)
         fs.importing.add(vid)
         try:
-            if int(fs.cat.meta_get("next_ino", 2)) <= header["max_ino"]:
-                fs.cat.meta_set("next_ino", header["max_ino"] + 1)  # before any create
+            g.raise_next_ino(header["max_ino"] + 1)  # before any create
             await _write_rows(fs, vid, parent, rows, ids)
             mine, base = await _count_trees(fs, vid, parent)
             changes = await _write_vertex_chunks(fs, vid, mine, base)

@@ -603,7 +603,7 @@ class SnapfsOperations(pyfuse3.Operations):
         s.f_blocks, s.f_bfree, s.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
         # inode numbers are never reused: "used" is how many were handed out (df -i
         # showed 50 % used on an empty volume when free was simply half the total)
-        used = int(self.fs.cat.meta_get("next_ino", 2)) - 1
+        used = self.fs.graph.inos_used()
         s.f_files = max(st.f_files, 1 << 32, 2 * used)
         s.f_ffree = s.f_favail = s.f_files - used
         s.f_namemax = 255

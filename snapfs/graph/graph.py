@@ -33,6 +33,10 @@ NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:-]{0,199}")
 # memory (3.4 GB at 10,000 snapshots); the views in use need a handful.
 CHAIN_CACHE = 32
 
+# Inode numbers reserved per catalog write (alloc_ino): a create wrote the meta row
+# "next_ino" and read it back, two of its seven SQLite statements.
+INO_BATCH = 1024
+
 
 @dataclass
 class Vertex:
@@ -92,6 +96,8 @@ class Graph:
         # vertices being deleted in steps (graph/delete.py): they get no new child
         self.deleting: set[int] = set()
         self.version = 0  # bumped on every structural change (stats consistency, caches)
+        # inode numbers reserved in the catalog and not yet handed out: [_ino_next, _ino_end)
+        self._ino_next = self._ino_end = 0
         self._load()
 
     # -- loading ---------------------------------------------------------------------------
@@ -102,6 +108,7 @@ class Graph:
         self.by_name.clear()
         self._refs.clear()
         self._chains.clear()
+        self._ino_next = self._ino_end = 0  # the reservation may have been rolled back
         self.version += 1
         self._load()
 
@@ -207,7 +214,35 @@ class Graph:
         return value
 
     def alloc_ino(self) -> int:
-        return self._next_id("next_ino")
+        """A new inode number, never handed out before.
+
+        Numbers are reserved INO_BATCH at a time: the catalog's next_ino moves past the
+        batch before its first number is handed out, in the same transaction as the
+        rows naming that number or an earlier one (a rolled-back transaction is redone
+        whole: Catalog.begin). So a crash loses at most the rest of a batch, and a
+        number is never given twice, not even by a later process.
+        """
+        if self._ino_next >= self._ino_end:
+            start = int(self.cat.meta_get("next_ino", 2))
+            self.cat.meta_set("next_ino", start + INO_BATCH)
+            self._ino_next, self._ino_end = start, start + INO_BATCH
+        ino = self._ino_next
+        self._ino_next += 1
+        return ino
+
+    def raise_next_ino(self, first_free: int) -> None:
+        """Hand out no number below first_free from now on (an import brings inodes
+        numbered up to first_free - 1, kept as they were at the source)."""
+        if int(self.cat.meta_get("next_ino", 2)) < first_free:
+            self.cat.meta_set("next_ino", first_free)
+        if self._ino_next < first_free:
+            self._ino_next = self._ino_end = 0  # the next alloc_ino reserves past it
+
+    def inos_used(self) -> int:
+        """How many inode numbers were handed out (the root's included): statfs."""
+        if self._ino_next < self._ino_end:
+            return self._ino_next - 1
+        return int(self.cat.meta_get("next_ino", 2)) - 1
 
     def _new_vertex(self, parent: int | None, kind: str, volume: str,
                     label: str | None = None) -> Vertex:

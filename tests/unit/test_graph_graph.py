@@ -9,7 +9,7 @@ import pytest
 from pyroaring import BitMap
 
 from snapfs.errors import AlreadyExists, NotFound, Refused, UsageError
-from snapfs.graph.graph import Graph
+from snapfs.graph.graph import INO_BATCH, Graph
 from snapfs.store.catalog import Catalog
 from snapfs.types import ROOT_INO
 
@@ -308,6 +308,41 @@ def test_uncommitted_catalog_changes_are_lost_together(db_path):
         assert g2.snapshots() == []
         d2 = g2.volume_draft("v")
         assert d2.id == d.id and d2.added == BitMap([1]) and (d2.delta, d2.referenced) == (1, 1)
+    finally:
+        cat.close()
+
+
+def test_inode_numbers_are_reserved_in_batches_and_never_given_twice(db_path):
+    """alloc_ino writes the catalog's counter once per INO_BATCH numbers, past the whole
+    batch, before handing out the first: a reopened graph (after a commit, or after a
+    crash that kept the rows naming the numbers) starts above every number given."""
+    cat = Catalog(db_path)
+    g = Graph(cat)
+    writes: list[str] = []
+    cat.db.set_trace_callback(lambda sql: writes.append(sql) if "meta" in sql else None)
+    first = [g.alloc_ino() for _ in range(INO_BATCH + 5)]
+    cat.db.set_trace_callback(None)
+    assert first == list(range(first[0], first[0] + INO_BATCH + 5))
+    assert len([w for w in writes if w.startswith("INSERT")]) == 2, "one write per batch"
+    assert g.inos_used() == first[-1]  # the root (1) and 2 to first[-1]
+    cat.commit()
+    cat.close()
+    cat = Catalog(db_path)
+    try:
+        g2 = Graph(cat)
+        again = g2.alloc_ino()
+        assert again > first[-1]
+        # an import brings inodes numbered up to 10**6: none of those is handed out
+        g2.raise_next_ino(10**6 + 1)
+        assert g2.alloc_ino() == 10**6 + 1
+        g2.raise_next_ino(5)  # below: changes nothing
+        assert g2.alloc_ino() == 10**6 + 2 and g2.inos_used() == 10**6 + 2
+        cat.commit()
+    finally:
+        cat.close()
+    cat = Catalog(db_path)
+    try:
+        assert Graph(cat).alloc_ino() > 10**6 + 2
     finally:
         cat.close()
 
