@@ -385,6 +385,7 @@ class Filesystem:
         write made before. On a full disk they cover what is stored (dirty_bytes says
         how much is not): refusing them then would hide where the space went."""
         await _disk_full_of(self.flush_dirty())
+        self.flush_inodes()  # rows a diff reads: times of directories and written files
 
     def flush_inodes(self, view: View | None = None) -> None:
         views = [view] if view else [*self.volume_views.values(), *self.snapshot_views.values()]

@@ -359,6 +359,50 @@ def test_open_file_kept_dirty_in_memory_is_committed_fsynced_and_crash_safe(fres
         assert read_bytes(m.mnt / ".snapshots" / "vol@open" / "open.dat") != b""
 
 
+def test_directory_times_are_durable_after_a_directory_fsync_commit_and_unmount(fresh_mount):
+    """A directory's new times after a create, a rename or an unlink stay in memory until
+    the next catalog commit (snapfs: View._save_changed): an fsync of the directory, a
+    snapshot commit and an unmount must each still carry them."""
+    m = fresh_mount
+    m.expect_log(r" WARNING ")
+    d, e = m.vol / "d", m.vol / "e"
+    d.mkdir()
+    e.mkdir()
+    old = 10**18
+
+    def change(tag: str) -> dict[str, tuple[int, int, int]]:
+        os.mkdir(d / f"s{tag}")  # link counts change: saved at once
+        os.rename(d / f"s{tag}", e / f"s{tag}")
+        for p in (d, e):
+            os.utime(p, ns=(old, old))  # saved at once too: what follows must show
+        write_bytes(d / f"f{tag}", b"x")  # times only, from here on
+        os.rename(d / f"f{tag}", e / f"f{tag}")
+        write_bytes(e / f"g{tag}", b"y")
+        os.unlink(e / f"g{tag}")
+        return times()
+
+    def times(base=m.vol) -> dict[str, tuple[int, int, int]]:
+        return {n: (st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+                for n in ("d", "e") for st in [os.stat(base / n)]}
+
+    want = change("1")
+    assert all(t[0] != old for t in want.values())
+    if m.is_snapfs:
+        snap = m.commit(m.vol, "times")
+        assert times(snap) == want
+    want = change("2")
+    for p in (d, e):
+        fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+    m.kill_daemon()
+    m.mount()
+    assert times() == want, "after a directory fsync and a crash"
+    want = change("3")
+    m.remount()
+    assert times() == want, "after an unmount"
+
+
 def test_a_crash_leaves_an_unsynced_log_a_prefix_never_zeros(fresh_mount):
     """Found by hand (2026-11-27): a log file kept open and appended to, its pages written
     back by the kernel, never fsynced. A group commit saved its size while its chunks

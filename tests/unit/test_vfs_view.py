@@ -122,6 +122,60 @@ def test_unlink(view):
     assert names(view) == [b"d"] and root.mtime_ns >= before
 
 
+def _row(view, ino: int) -> tuple[int, int, int]:
+    """(nlink, mtime_ns, ctime_ns) of ino's row in the draft, as the catalog has it."""
+    return view.cat.execute("SELECT nlink, mtime_ns, ctime_ns FROM inodes "
+                            "WHERE ino=? AND vertex=?", (ino, view.draft_id())).fetchone()
+
+
+@trio_test
+async def test_a_small_file_costs_three_catalog_statements(view):
+    """Creating, writing and saving a file writes its inode row, its entry and its row
+    again, nothing else: no inode counter per create (numbers are reserved in batches),
+    no directory row per create (its times wait for the commit), no query for the block
+    rows of an inode that cannot have any. Seven statements per file before."""
+    d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    view.flush_inodes()
+    statements: list[str] = []
+    view.cat.db.set_trace_callback(statements.append)
+    try:
+        for i in range(200):
+            await write_file(view, b"f%d" % i, b"x" * 1024, d.ino)
+        view.flush_inodes()
+    finally:
+        view.cat.db.set_trace_callback(None)
+    assert len(statements) <= 3 * 200 + 4, statements[:12]
+    assert sorted(view.entries(d)) == sorted(b"f%d" % i for i in range(200))
+    assert _row(view, d.ino)[1] == d.mtime_ns, "the directory's times were saved by the flush"
+
+
+def test_a_directory_saves_its_link_count_at_once_and_its_times_at_the_flush(view):
+    """A row whose link count changed is saved at once (an fsync through the intent log
+    relies on it: Filesystem._loggable); a change of times alone waits for flush_inodes,
+    which every commit, fsync and figure runs first."""
+    a = view.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    b = view.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    f = mkfile(view, b"f", a.ino)
+    for n in (a, b, f):
+        n.mtime_ns = n.ctime_ns = 5  # in the rows: any later save shows
+        view._save(n)
+    view.rename(a.ino, b"f", b.ino, b"g")  # a file: no link count changes
+    view.link(f.ino, b.ino, b"h")  # f's link count changes, b's does not
+    view.unlink(b.ino, b"g")
+    assert [_row(view, n.ino) for n in (a, b)] == [(2, 5, 5)] * 2, "times only: not saved"
+    assert _row(view, f.ino)[0] == 1, "two links, then one: saved each time"
+    view.mkdir(b.ino, b"sub", 0o755, 0, 0)
+    assert _row(view, b.ino)[0] == 3, "a new subdirectory: b's link count saved at once"
+    view.rename(b.ino, b"sub", a.ino, b"sub")
+    assert (_row(view, a.ino)[0], _row(view, b.ino)[0]) == (3, 2)
+    view.rmdir(a.ino, b"sub")
+    assert _row(view, a.ino)[0] == 2
+    view.flush_inodes()
+    for n in (a, b, f):
+        assert _row(view, n.ino) == (n.nlink, n.mtime_ns, n.ctime_ns)
+    assert min(a.mtime_ns, b.mtime_ns, f.ctime_ns) > 5
+
+
 # -- rename ------------------------------------------------------------------------------------
 
 
