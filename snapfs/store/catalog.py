@@ -56,6 +56,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 
 from snapfs.errors import DiskFull, FormatError
 from snapfs.store.packs import fsync_dir
@@ -193,6 +194,9 @@ class Catalog:
         self._replay_pending = False  # rolled back by SQLite, not yet replayed
         self._finish_checkpoint = False
         self.last_commit = time.monotonic()
+        # Called by commit() before it ends a transaction, to write what their owners
+        # keep in memory between commits (Graph: the drafts' chunk counters)
+        self.before_commit: list[Callable[[], None]] = []
         # Commits ended by this connection: a row written while commits == n is part of
         # the (n+1)th commit. vfs/fs.py compares it to know which rows are durable.
         self.commits = 0
@@ -251,6 +255,8 @@ class Catalog:
     def commit(self) -> None:
         """End the group transaction (WAL append, no fsync: see sync_wal). On failure
         the changes stay in an open transaction (see the module docstring)."""
+        for write_pending in self.before_commit:
+            write_pending()
         if self._replay_pending or (self._in_tx and not self.db.in_transaction):
             self.begin()  # redo what SQLite rolled back, then commit it with the rest
         if self._in_tx:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 
 import pytest
 from pyroaring import BitMap
@@ -345,6 +346,58 @@ def test_inode_numbers_are_reserved_in_batches_and_never_given_twice(db_path):
         assert Graph(cat).alloc_ino() > 10**6 + 2
     finally:
         cat.close()
+
+
+def test_draft_counters_are_written_once_per_commit_and_kept_by_a_reload(db_path):
+    """adjust_refs keeps a draft's delta and referenced in memory; Catalog.commit writes
+    its row once (not once per changed chunk), and a reload in the middle of a
+    transaction (an abandoned import) still sees what memory has."""
+    cat = Catalog(db_path)
+    g = Graph(cat)
+    d = g.create_volume("v")
+    updates: list[str] = []
+    cat.db.set_trace_callback(
+        lambda sql: updates.append(sql) if sql.startswith("UPDATE vertices") else None)
+    for chunk in range(1, 101):
+        g.adjust_refs(d.id, {chunk: 1})
+    g.adjust_refs(d.id, {1: -1})
+    assert updates == [], "nothing per chunk"
+    cat.commit()
+    assert len(updates) == 1
+    cat.db.set_trace_callback(None)
+    g.adjust_refs(d.id, {2: -1})
+    g.reload()
+    d = g.volume_draft("v")
+    assert (d.delta, d.referenced) == (98, 98) and 2 not in d.added
+    cat.close()
+    cat = Catalog(db_path)
+    try:
+        d = Graph(cat).volume_draft("v")
+        assert (d.delta, d.referenced) == (98, 98), "close commits, and so writes them"
+    finally:
+        cat.close()
+
+
+def test_draft_counters_refused_at_a_commit_are_written_by_the_next(g, cat, monkeypatch):
+    """A commit whose counter write fails (a full disk) raises and keeps them changed:
+    the next commit writes them. Forgotten, the row would lag the vertex_chunks rows."""
+    d = g.create_volume("v")
+    cat.commit()
+    g.adjust_refs(d.id, {1: 1, 2: 1})
+    real = cat.write
+
+    def refuse(sql, args=()):
+        if sql.startswith("UPDATE vertices"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(sql, args)
+
+    monkeypatch.setattr(cat, "write", refuse)
+    with pytest.raises(sqlite3.OperationalError):
+        cat.commit()
+    monkeypatch.setattr(cat, "write", real)
+    cat.commit()
+    assert cat.execute("SELECT delta, referenced FROM vertices WHERE id=?",
+                       (d.id,)).fetchone() == (2, 2)
 
 
 def test_chain_depths(g):
