@@ -696,7 +696,7 @@ class View:
                 self._forget_node(node)
                 return
         elif stat.S_ISREG(node.mode):
-            self._truncate_blocks(node, 0)
+            self._release_blocks(node)
         self._tombstone(node.ino, self.draft_id())
         self._forget_node(node)
 
@@ -1057,6 +1057,25 @@ class View:
 
     def _nblocks(self, size: int) -> int:
         return (size + self.chunk_size - 1) // self.chunk_size
+
+    def _release_blocks(self, node: Inode) -> None:
+        """A regular file is being deleted: every reference its blocks hold goes, in
+        one adjust_refs. Its block rows go with the tombstone that follows (setting each
+        block to a hole first wrote a row per block that the tombstone then deleted:
+        half the statements of deleting a large file)."""
+        for idx in list(node.buffers):
+            self.fs.pool.give(node.buffers.pop(idx))
+        node.allocated = None
+        self._load_windows(node, self._row_indices(node))
+        changes: dict[int, int] = {}
+        for chunk in node.blocks.values():
+            if chunk:
+                changes[chunk] = changes.get(chunk, 0) - 1
+        try:
+            self.graph.adjust_refs(self.draft_id(), changes)
+        except AssertionError as e:
+            raise AssertionError(f"{e} (deleting inode {node.ino})") from None
+        node.blocks.clear()
 
     def _truncate_blocks(self, node: Inode, size: int) -> None:
         """Drop every block wholly past size (reference counts follow)."""

