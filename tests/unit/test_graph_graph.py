@@ -315,8 +315,8 @@ def test_uncommitted_catalog_changes_are_lost_together(db_path):
 
 def test_inode_numbers_are_reserved_in_batches_and_never_given_twice(db_path):
     """alloc_ino writes the catalog's counter once per INO_BATCH numbers, past the whole
-    batch, before handing out the first: a reopened graph (after a commit, or after a
-    crash that kept the rows naming the numbers) starts above every number given."""
+    batch, before handing out the first: a graph reopened after a commit starts above
+    every number given, and an import's raise_next_ino is kept."""
     cat = Catalog(db_path)
     g = Graph(cat)
     writes: list[str] = []
