@@ -571,13 +571,19 @@ def test_record_evicted_from_the_page_cache_is_read_in_a_worker_thread(st):
             pass
     finally:
         os.close(fd)
-    fd = os.open(os.path.join(st.packs.directory, pack_name(1)), os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    fresh = st.fresh_manager()
-    assert trio.run(fresh.get, cid) == payload
+    # The kernel may keep a page now and then (CI saw one inline read once in many
+    # runs): drop and read again a few times; a read path that never goes to a thread
+    # still fails.
+    for _ in range(5):
+        fd = os.open(os.path.join(st.packs.directory, pack_name(1)), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        fresh = st.fresh_manager()
+        assert trio.run(fresh.get, cid) == payload
+        if fresh.reads_thread:
+            break
     assert (fresh.reads_inline, fresh.reads_thread) == (0, 1)
     fresh.cache.drop(cid)
     assert trio.run(fresh.get, cid) == payload  # now in the page cache again
