@@ -307,31 +307,10 @@ def cmd_commit(args) -> int:
         else:
             raise UsageError("give the volume or snapshot directory to commit "
                              "(snapfs commit MNT/VOLUME, or -C REPO commit --volume NAME)")
-    if target.mountpoint:
-        _syncfs(target.mountpoint)
     res = run_op(target, {"op": "commit", "where": where, "label": args.label})
     print(res["snapshot"])
     return 0
 
-
-def _syncfs(path: str) -> None:
-    """Push the kernel's dirty pages of the mount (writeback cache: a write() that has
-    returned may still be in the page cache; an mmap'd page certainly may) to the
-    daemon, so that the snapshot holds every write made before the command. The kernel
-    writes FUSE pages back almost at once, so this is a guarantee more than a change.
-    Best effort: the commit goes on if the call is not available."""
-    import ctypes
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).syncfs(fd)
-    except (OSError, AttributeError):
-        pass
-    finally:
-        os.close(fd)
 
 
 def cmd_snapshot(args) -> int:

@@ -20,7 +20,7 @@ import trio
 
 from snapfs import control
 from snapfs.errors import SnapfsError, UsageError
-from snapfs.fuse import gcpolicy
+from snapfs.fuse import gcpolicy, kernelcache
 from snapfs.fuse.loopwatch import LoopWatch
 from snapfs.fuse.ops import SnapfsOperations
 from snapfs.repository import Repository
@@ -61,7 +61,8 @@ def tune_malloc() -> None:
 
 
 def check_mountpoint(mnt: str) -> str:
-    mnt = os.path.abspath(mnt)
+    """The mount point, resolved (as /proc/self/mountinfo will name it), if usable."""
+    mnt = os.path.realpath(mnt)
     if not os.path.isdir(mnt):
         raise UsageError(f"mount point {mnt} is not a directory: create it first (mkdir -p {mnt})")
     if os.path.ismount(mnt):
@@ -162,6 +163,9 @@ def _run(repo_path: str, mnt: str, allow_other: bool, commit_every: float | None
     except RuntimeError as e:
         repo.close()
         raise SnapfsError(f"cannot mount at {mnt}: {e}")
+    kernelcache.raise_dirty_limit(mnt, fs.dirty_limit)
+    fs.pull_kernel_pages = functools.partial(pull_kernel_pages, mnt, ops,
+                                             kernelcache.fuse_device_fd())
     with open(repo.paths.pid, "w") as f:
         f.write(f"{os.getpid()}\n")
     log.info("mounted %s at %s (chunk size %d, open files up to %d)", repo.paths.root, mnt,
@@ -194,7 +198,7 @@ async def _main(fs: Filesystem, repo: Repository, commit_every: float | None,
         nursery.start_soon(gcpolicy.run, watch.activity)
         nursery.start_soon(functools.partial(fs.background, activity=watch.activity))
         nursery.start_soon(control.serve, fs, repo.paths.sock)
-        nursery.start_soon(_signals)
+        nursery.start_soon(_signals, fs)
         if commit_every:
             nursery.start_soon(_auto_commit, fs, commit_every)
         await trio.sleep(0)
@@ -204,18 +208,64 @@ async def _main(fs: Filesystem, repo: Repository, commit_every: float | None,
         nursery.cancel_scope.cancel()
 
 
-async def _signals() -> None:
+PULL_POLL = 0.001  # seconds between two looks for writes still on their way
+PULL_QUIET_ROUNDS = 5
+
+
+async def pull_kernel_pages(mnt: str, ops: SnapfsOperations, fuse_fd: int | None) -> None:
+    """Bring every page written before this call and still held by the kernel into the
+    daemon (Filesystem.pull_kernel_pages): before a commit, the figures, a signalled
+    unmount. syncfs(2), from a worker thread while this loop serves the WRITE requests
+    it causes, only queues them; they have all been answered once the kernel has no
+    request waiting to be read and no WRITE or SETATTR is being handled here (a look
+    between two requests: pyfuse3 reads a request and enters its handler with no
+    checkpoint in between)."""
+    await trio.to_thread.run_sync(kernelcache.syncfs, mnt, abandon_on_cancel=True)
+    if fuse_fd is None:
+        return
+    quiet = 0
+    while ops.writes_active or kernelcache.requests_queued(fuse_fd):
+        seen, handled = ops.writes_seen, ops.requests
+        await trio.sleep(PULL_POLL)
+        # On a busy mount other requests keep the device readable: once requests have
+        # been answered for a few rounds with no write among them, the writes queued
+        # before them (both queues are first in, first out) are in.
+        if ops.writes_seen == seen and not ops.writes_active and ops.requests > handled:
+            quiet += 1
+            if quiet >= PULL_QUIET_ROUNDS:
+                return
+        else:
+            quiet = 0
+
+
+# How long a signalled daemon waits for the kernel to hand over the written pages it holds.
+PULL_ON_SIGNAL_TIMEOUT = 120.0
+
+
+async def _signals(fs: Filesystem) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
             log.info("signal received: unmounting")
+            # Once the loop stops, pages the kernel still holds for the mount could not
+            # reach the daemon any more (fusermount -u syncs them itself, while the
+            # loop serves): bring them in first, so that shutdown stores them.
+            if fs.pull_kernel_pages is not None:
+                with trio.move_on_after(PULL_ON_SIGNAL_TIMEOUT) as scope:
+                    await fs.pull_kernel_pages()
+                if scope.cancelled_caught:
+                    log.warning("the kernel did not hand over its written pages within "
+                                "%.0f s; unmounting without them", PULL_ON_SIGNAL_TIMEOUT)
             pyfuse3.terminate()
             return
 
 
 async def _auto_commit(fs: Filesystem, every: float) -> None:
-    """--commit-every: commit every volume whose draft changed, on a timer."""
+    """--commit-every: commit every volume whose draft changed, on a timer (with the
+    written pages the kernel still held: fs.pull_kernel_pages)."""
     while True:
         await trio.sleep(every)
+        if fs.pull_kernel_pages is not None:
+            await fs.pull_kernel_pages()
         for name in sorted(fs.graph.volumes):
             view = fs.volume_view(name)
             draft = fs.graph.vertices[fs.graph.volumes[name]]

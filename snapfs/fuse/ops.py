@@ -137,6 +137,10 @@ class SnapfsOperations(pyfuse3.Operations):
         self.gid = os.getgid()
         self.started = time.time_ns()
         self.requests = 0  # handled so far: tells the loop watch that someone is waiting
+        # WRITE and SETATTR requests being handled: the kernel's written pages are all
+        # here once none is and it has no request queued (daemon.pull_kernel_pages)
+        self.writes_active = 0
+        self.writes_seen = 0
         self._views: dict[int, View] = {}  # slot -> view (kept for the whole mount)
         self._slot_of: dict[View, int] = {}
         self._lookups: dict[int, int] = {}
@@ -326,7 +330,12 @@ class SnapfsOperations(pyfuse3.Operations):
             kw["mtime_ns"] = attr.st_mtime_ns
         if getattr(fields, "update_ctime", False):
             kw["ctime_ns"] = attr.st_ctime_ns
-        node = await view.setattr(node.ino, **kw)
+        self.writes_active += 1
+        self.writes_seen += 1
+        try:
+            node = await view.setattr(node.ino, **kw)
+        finally:
+            self.writes_active -= 1
         return self._attrs(view, node)
 
     @handler
@@ -471,6 +480,8 @@ class SnapfsOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         # not wrapped in @handler, like read: a write into a dirty chunk awaits nothing
         self.requests += 1
+        self.writes_active += 1
+        self.writes_seen += 1
         try:
             h = self._handles[fh]
             if h.view is None:
@@ -484,6 +495,8 @@ class SnapfsOperations(pyfuse3.Operations):
             return n
         except Exception as e:
             raise fuse_error("write", e) from None
+        finally:
+            self.writes_active -= 1
 
     @handler
     async def flush(self, fh):

@@ -152,6 +152,10 @@ class Filesystem:
         self._complete_worker_running = False  # without it (tests, CLI) nothing is queued
         # Called with a View whose content changed without the kernel's knowledge.
         self.on_view_changed: Callable[[View], None] = lambda view: None
+        # Set by the daemon: brings the written pages the kernel still holds for the
+        # mount here (syncfs from a worker thread, fuse/kernelcache.py), so that a commit
+        # and the figures include every write(2) that returned before them.
+        self.pull_kernel_pages: Callable[[], Awaitable[None]] | None = None
         # Extra sections for the stats document, e.g. the daemon's event-loop figures.
         self.extra_stats: dict[str, Callable[[], dict]] = {}
         self.collector = Collector(self.cat, repo.packs, self.chunks, commit=self._commit_now)
@@ -384,6 +388,8 @@ class Filesystem:
         """Before stats or a diff: store the dirty data, so that the figures count every
         write made before. On a full disk they cover what is stored (dirty_bytes says
         how much is not): refusing them then would hide where the space went."""
+        if self.pull_kernel_pages is not None:
+            await self.pull_kernel_pages()
         await _disk_full_of(self.flush_dirty())
         self.flush_inodes()  # rows a diff reads: times of directories and written files
 
@@ -888,6 +894,8 @@ class Filesystem:
         if label is not None:
             self.graph.check_label(view.name().split("@")[0] if view.kind == "snapshot"
                                    else view.name(), label)
+        if self.pull_kernel_pages is not None:
+            await self.pull_kernel_pages()
         if view.kind == "snapshot" and view.immutable:
             draft = self.graph.snapshot_draft(view.key, create=True)
         else:
