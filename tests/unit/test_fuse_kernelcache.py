@@ -4,6 +4,9 @@ mountinfo and sysfs; tests/fuse/test_mnt_kernelcache.py checks the real kernel."
 from __future__ import annotations
 
 import logging
+import os
+
+import pytest
 
 from snapfs.fuse import kernelcache
 
@@ -67,3 +70,25 @@ def test_raise_dirty_limit_gives_up_quietly(tmp_path, caplog):
         assert kernelcache.raise_dirty_limit(str(tmp_path), 1 << 30, sysfs=str(tmp_path),
                                              mountinfo=info) is None
     assert [r.levelname for r in caplog.records] == ["INFO", "INFO"]
+
+
+def test_requests_queued_is_whether_the_descriptor_has_something_to_read():
+    r, w = os.pipe()
+    try:
+        assert not kernelcache.requests_queued(r)
+        os.write(w, b"x")
+        assert kernelcache.requests_queued(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_fuse_device_fd_finds_this_process_s_dev_fuse():
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("no /dev/fuse here")
+    assert kernelcache.fuse_device_fd() is None
+    fd = os.open("/dev/fuse", os.O_RDWR)
+    try:
+        assert kernelcache.fuse_device_fd() == fd
+    finally:
+        os.close(fd)
