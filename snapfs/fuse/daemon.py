@@ -247,8 +247,9 @@ async def _signals(fs: Filesystem) -> None:
         async for _ in signals:
             log.info("signal received: unmounting")
             # Once the loop stops, pages the kernel still holds for the mount could not
-            # reach the daemon any more (fusermount -u syncs them itself, while the
-            # loop serves): bring them in first, so that shutdown stores them.
+            # reach the daemon any more (fusermount -u needs no such step: it refuses
+            # while a file is open, and a file's last close waits for its pages):
+            # bring them in first, so that shutdown stores them.
             if fs.pull_kernel_pages is not None:
                 with trio.move_on_after(PULL_ON_SIGNAL_TIMEOUT) as scope:
                     await fs.pull_kernel_pages()
