@@ -16,9 +16,9 @@ written back then cost nothing more, and adjacent pages go out together as one W
 up to 1 MiB (BENCHMARKS.md, "The kernel's dirty limit for the mount").
 
 What stays the same: fsync(2) and close(2) write the file's pages back first
-(close(2): FUSE's flush), `snapfs commit` calls syncfs(2) on the mount before the
-commit, and unsynced data may be lost in a crash, whether it waited in the kernel or in
-the daemon.
+(close(2): FUSE's flush), a commit, the figures and an unmount by signal take them in
+first (daemon.pull_kernel_pages, with syncfs and requests_queued below), and unsynced
+data may be lost in a crash, whether it waited in the kernel or in the daemon.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def test_the_mount_may_hold_as_much_written_data_as_the_daemon(tmp_path):
 
 def test_a_commit_holds_the_pages_the_kernel_kept(mount, vd):
     """Written, not fsynced, still open: `snapfs commit` and mkdir in .snapshots must
-    capture every page (the daemon syncs the mount before it seals the draft)."""
+    capture every page (the daemon pulls them in before it seals the draft)."""
     fd = os.open(vd / "held", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         first = _scatter(fd, 8 << 20, 300, seed=1)
