@@ -113,6 +113,12 @@ class PackStore:
         self._lanes = [_Lane() for _ in range(max(1, lanes))]
         self._next_lane = 0  # where a writer waits when every lane is busy
         self._id_lock = threading.Lock()
+        # Bytes that appends under way have been granted but not written yet: two lanes
+        # checking free space side by side both saw room for their batch, and the two
+        # batches together took the catalog's reserve (a disk-full test, when the kernel
+        # handed over 100 MiB at one fsync).
+        self._space_lock = threading.Lock()
+        self._granted = 0
         self._last_id = 0  # pack ids only grow in a process, removed ones are not reused
         self._read_fds: dict[int, int] = {}
         self._retired: list[int] = []
@@ -165,8 +171,19 @@ class PackStore:
         With sync, the lane's pack is made durable before its lane is let go (two
         batches appended side by side sync side by side)."""
         self._check_writable()
-        self.check_space(sum(RECORD_OVERHEAD + len(p) for _, p, _, _ in items),
-                         self.reserve if keep is None else keep)
+        nbytes = sum(RECORD_OVERHEAD + len(p) for _, p, _, _ in items)
+        with self._space_lock:
+            self.check_space(nbytes, self.reserve if keep is None else keep)
+            self._granted += nbytes
+        try:
+            return self._append_granted(items, sync)
+        finally:
+            with self._space_lock:
+                self._granted -= nbytes
+
+    def _append_granted(self, items: list[tuple[int, bytes, int, int]],
+                        sync: bool) -> list[ChunkLocation]:
+        """append_many once its space is granted."""
         # Each record goes out as two iovecs (header + check, then the payload itself):
         # joining them would copy every payload once more.
         records = []
@@ -210,7 +227,7 @@ class PackStore:
     def check_space(self, nbytes: int, keep: int) -> None:
         """ENOSPC unless nbytes can be written leaving keep bytes free (f_bavail: what
         an unprivileged writer could use, so the root reserve stays untouched too)."""
-        free = self.free_bytes()
+        free = self.free_bytes() - self._granted
         if free - nbytes < keep:
             raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {free >> 20} MiB free "
                           f"where the repository is, {keep >> 20} MiB of it kept for the "

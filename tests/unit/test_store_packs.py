@@ -470,3 +470,27 @@ def test_pack_ids_are_not_reused_after_a_removal(store):
     store.rotate()
     store.remove_pack(1)
     assert store.append(2, b"b", 1, 0).pack == 2  # not 1 again: a stale location stays wrong
+
+
+def test_space_granted_to_an_append_under_way_counts_as_used(store, monkeypatch):
+    """Two lanes append side by side: each must see the room the other was granted, or
+    both pass the check and together eat the catalog's reserve (a disk-full test saw
+    SQLite refuse a directory fsync after a 100 MiB burst)."""
+    free = 70 << 20
+    monkeypatch.setattr(store, "free_bytes", lambda: free)
+    store.reserve = 40 << 20
+    payload = b"x" * (20 << 20)
+    store.check_space(len(payload), store.reserve)  # alone, it fits
+    seen = []
+    real = store._append_granted
+
+    def while_writing(items, sync):  # the second lane checks while the first writes
+        with pytest.raises(OSError) as e:
+            store.append_many([(2, payload, len(payload), 0)])
+        seen.append(e.value.errno)
+        return real(items, sync)
+
+    monkeypatch.setattr(store, "_append_granted", while_writing)
+    store.append_many([(1, payload, len(payload), 0)])
+    assert seen == [errno.ENOSPC]
+    assert store._granted == 0, "the grant ends with its write"
