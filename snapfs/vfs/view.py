@@ -843,7 +843,13 @@ class View:
         if mtime_ns is not None:
             node.mtime_ns = _clamp_time(mtime_ns)
         node.ctime_ns = _clamp_time(ctime_ns) if ctime_ns is not None else now_ns()
-        self._save(node)
+        if size is None and mode is None and uid is None and gid is None:
+            # times only (the kernel sends the mtime of cached writes before each fsync):
+            # kept in memory like a write's, saved by the next flush_inodes (every group
+            # commit, commit and fsync); a row per request cost an SQLite statement each
+            self._mark_dirty(node)
+        else:
+            self._save(node)
         return node
 
     # -- extended attributes ----------------------------------------------------------------

@@ -255,6 +255,41 @@ async def test_drafts_persist_across_close_and_reopen(fs, view):
 
 
 @trio_test
+async def test_a_change_of_times_only_is_saved_by_the_next_flush_not_at_once(fs, view):
+    """The kernel sends the mtime of its cached writes before every fsync: a row per
+    SETATTR was an SQLite statement each. Times alone wait in memory for the next
+    flush_inodes (group commit, commit, fsync), and a snapshot and a reopen keep them."""
+    f = await write_file(view, b"f", b"data")
+    d = view.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+    await fs.sync()
+    changes = fs.cat.db.total_changes
+    await view.setattr(f.ino, atime_ns=1_000_000_123, mtime_ns=2_000_000_456)
+    await view.setattr(d.ino, mtime_ns=3_000_000_789, ctime_ns=4_000_000_000)
+    assert fs.cat.db.total_changes == changes  # nothing written yet
+    assert {f.ino, d.ino} <= view.dirty_inodes
+    assert (f.atime_ns, f.mtime_ns, d.mtime_ns, d.ctime_ns) == (
+        1_000_000_123, 2_000_000_456, 3_000_000_789, 4_000_000_000)
+    await view.setattr(f.ino, mode=0o600)  # anything else still saves the row at once
+    assert fs.cat.db.total_changes == changes + 1
+    await view.setattr(d.ino, atime_ns=5_000_000_000)
+    await fs.commit(view, "s1")
+    snap = fs.snapshot_view("v@s1")
+    assert snap.lookup(ROOT_INO, b"d").atime_ns == 5_000_000_000
+    assert snap.lookup(ROOT_INO, b"f").mtime_ns == 2_000_000_456
+    await view.setattr(f.ino, mtime_ns=6_000_000_000)
+    fs = await reopen(fs)
+    try:
+        vol = fs.volume_view("v")
+        g, e = vol.lookup(ROOT_INO, b"f"), vol.lookup(ROOT_INO, b"d")
+        assert (g.atime_ns, g.mtime_ns, stat.S_IMODE(g.mode)) == (1_000_000_123, 6_000_000_000,
+                                                                  0o600)
+        assert (e.mtime_ns, e.atime_ns) == (3_000_000_789, 5_000_000_000)
+    finally:
+        problems = await close_and_fsck(fs, fs.repo.paths.root)
+    assert problems == []
+
+
+@trio_test
 async def test_orphans_of_a_dead_daemon_are_released_on_open(fs, view, repo_path):
     f = await write_file(view, b"tmp", pattern(2 * CS))
     await write_file(view, b"kept", b"kept")
