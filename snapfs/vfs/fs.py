@@ -39,6 +39,7 @@ from snapfs.errors import FsError, IntegrityError, NotFound, Refused, is_disk_fu
 from snapfs.graph import accounting
 from snapfs.graph import stats as graph_stats
 from snapfs.graph.delete import Deletion, pending_purges, purge_steps
+from snapfs.lane import Lane
 from snapfs.ratelimit import Every
 from snapfs.repository import Repository
 from snapfs.store import intentlog
@@ -180,6 +181,10 @@ class Filesystem:
         # None only in tests that take the stored path on purpose
         self.intent: IntentLog | None = IntentLog(
             repo.paths.intent, repo.chunks.aead, lambda n: packs.check_space(n, packs.reserve))
+        # the fdatasyncs of every fsync, each at half the cost of a to_thread hop: the
+        # intent log's (_log_write) and the catalog's WAL (commit_catalog)
+        self._log_lane = Lane("snapfs intent log")
+        self._wal_lane = Lane("snapfs catalog sync")
         self._log_failure = Every(60.0)  # "the intent log could not be written"
         self._log_queue: list[_LogEntry] = []  # records made, waiting for _log_write
         self._log_writing = False
@@ -509,8 +514,8 @@ class Filesystem:
             while self._log_queue:
                 batch, self._log_queue = self._log_queue, []
                 try:
-                    await trio.to_thread.run_sync(self.intent.append,
-                                                  b"".join(e.blob for e in batch))
+                    await self._log_lane.run(self.intent.append,
+                                             b"".join(e.blob for e in batch))
                 except OSError as e:
                     # the records made meanwhile may leave out chunks that only the
                     # failed ones held (Inode.unlogged was cleared for them): they fail
@@ -719,7 +724,7 @@ class Filesystem:
             self._checkpoint_wanted.set()
         if durable:
             done, epoch = self.cat.commits, self._intent_epoch
-            await trio.to_thread.run_sync(self.cat.sync_wal)
+            await self._wal_lane.run(self.cat.sync_wal)
             self.durable_commits = max(self.durable_commits, done)
             self._durable_epoch = max(self._durable_epoch, epoch)
 
