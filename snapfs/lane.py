@@ -3,7 +3,7 @@
 ``trio.to_thread.run_sync`` hands each call to a cached thread through a fresh cancel
 scope, a thread-cache job and a lock released per call; on the 2-vCPU VMs we run on, one
 hop cost 165-250 us of wall time and 170-215 us of CPU for a call that does nothing
-(BENCHMARKS.md, "The intent log's thread hop"). The fdatasync of the intent log makes
+(BENCHMARKS.md, "The fsync path: a thread of its own"). The fdatasync of the intent log makes
 one such hop per fsync of a database-like writer, where the whole fsync costs about a
 millisecond. A Lane keeps one thread waiting on a queue: a call is one queue put, one
 wake-up of that thread and one ``run_sync_soon`` back, about half the cost.
@@ -11,7 +11,8 @@ wake-up of that thread and one ``run_sync_soon`` back, about half the cost.
 Calls run one at a time, in the order made; a call cannot be cancelled once made (as
 ``to_thread.run_sync`` without ``abandon_on_cancel``): the caller waits for its outcome.
 The thread ends after IDLE_EXIT seconds without work and starts again at the next call,
-so an idle or forgotten Lane holds no thread.
+so an idle or forgotten Lane holds no thread. Like any thread, it does not survive a
+fork: the daemon forks before it opens the repository (fuse/daemon.py).
 """
 
 from __future__ import annotations
