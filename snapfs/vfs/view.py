@@ -8,7 +8,7 @@ Writes always go to the draft, so a committed snapshot is never modified.
 
 Inodes a view has touched stay in memory (self.inodes) with their directory listings,
 resolved block maps and dirty data buffers; changes of times alone (a write's mtime, a
-directory's times after a create, unlink or rename) are written to the catalog by
+directory's times after a create, unlink or rename, a SETATTR of times) are written by
 flush_inodes(), which the filesystem calls before every group commit, commit or fsync;
 other attribute changes are saved at once (_save_changed).
 
