@@ -502,12 +502,17 @@ def test_kill_9_during_import_leaves_repository_as_before(repos, tmp_path):
     before = _fingerprint(site, packs=False, **counters)
     packs_before = _pack_bytes(site)
 
-    # how long an import takes here, measured on another repository
-    probe = repos.make("probe", passphrase=SITE_PASS)
-    probe.run_cli("-C", probe.repo, "site-key", "import", SITE, home.base / "site.key")
-    t0 = time.monotonic()
-    probe.run_cli("import", full, probe.repo)
-    duration = time.monotonic() - t0
+    # how long an import takes here, measured on other repositories: the shorter of two,
+    # since the first one alone once took 6.72 s where the imports below finished within
+    # 3.7 s, and the kills at 55 % and later all came after the commit (CI, 2026-11-29)
+    durations = []
+    for name in ("probe", "probe2"):
+        probe = repos.make(name, passphrase=SITE_PASS)
+        probe.run_cli("-C", probe.repo, "site-key", "import", SITE, home.base / "site.key")
+        t0 = time.monotonic()
+        probe.run_cli("import", full, probe.repo)
+        durations.append(time.monotonic() - t0)
+    duration = min(durations)
 
     killed, completed = [], False
     for fraction in (0.2, 0.4, 0.55, 0.7, 0.85, 0.95):
